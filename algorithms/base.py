@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
-__all__ = ["LowRank", "Delta", "MergeContext", "dense", "seed_for"]
+__all__ = ["LowRank", "Delta", "MergeContext", "dense", "seed_for", "remember_batched"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,27 @@ class MergeContext:
 
     def expert_id(self, i: int) -> str:
         return self.expert_ids[i] if i < len(self.expert_ids) else f"#{i}"
+
+
+def remember_batched(ctxs: Sequence[MergeContext], key_for: Callable[[MergeContext], tuple],
+                     compute: Callable[[], Any]) -> Any:
+    """:meth:`MergeContext.remember` for batched work over ``[B, ...]`` stacks, one context per item.
+
+    If every context already holds its key (``key_for(ctx)``), the stored items are stacked; otherwise
+    ``compute()`` (a tensor or a tuple of tensors, batch first) runs once and item b is stored in
+    ``ctxs[b]``. So a batched run and a per-tensor run of a sweep share the same memo entries.
+    """
+    keys = [key_for(c) for c in ctxs]
+    if ctxs and all(c.memo is not None and (c.tensor_name, *k) in c.memo for c, k in zip(ctxs, keys)):
+        items = [c.memo[(c.tensor_name, *k)] for c, k in zip(ctxs, keys)]  # type: ignore[index]
+        if isinstance(items[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*items))
+        return torch.stack(items)
+    out = compute()
+    for b, (c, k) in enumerate(zip(ctxs, keys)):
+        item = tuple(x[b] for x in out) if isinstance(out, tuple) else out[b]
+        c.remember(k, lambda item=item: item)
+    return out
 
 
 def as_sequence(x: Sequence[float] | None, n: int) -> list[float]:

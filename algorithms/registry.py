@@ -204,7 +204,7 @@ def validate_params(name: str, params: Mapping[str, Any], n_experts: int | None 
         if type_problem:
             problems.append(f"method '{name}' parameter '{key}': {type_problem}")
             continue
-        if p.check is not None:
+        if p.check is not None and not (value is None and p.default is None):
             msg = p.check(value)
             if msg:
                 problems.append(f"method '{name}' parameter '{key}' = {value!r}: {msg}")
@@ -218,6 +218,21 @@ def validate_params(name: str, params: Mapping[str, Any], n_experts: int | None 
 
 def _type_problem(p: Param, value: Any) -> str | None:
     d = p.default
+    if d is None:
+        # "unset" default (the method picks one, e.g. per variant): check against the annotation.
+        if value is None:
+            return None
+        ann = p.annotation.replace(" ", "")
+        if "bool" in ann:
+            d = False
+        elif "float" in ann:
+            d = 0.0
+        elif "int" in ann:
+            d = 0
+        elif "str" in ann:
+            d = ""
+        else:
+            return None
     if isinstance(d, bool):
         return None if isinstance(value, bool) else f"expected true/false, got {value!r}"
     if isinstance(d, (int, float)) and not isinstance(d, bool):

@@ -21,14 +21,14 @@ def linear(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
            base_weight: float = 1.0) -> torch.Tensor:
     """Weighted average of the full expert weights θᵢ = θ₀ + τᵢ (optionally with θ₀ itself)."""
     w = as_sequence(weights, len(deltas))
-    models = [base + dense(d) for d in deltas]
-    if include_base:
-        models.append(base)
-        w.append(float(base_weight))
-    total = sum(w)
+    total = sum(w) + (float(base_weight) if include_base else 0.0)
     if normalize and total == 0:
         raise ValueError("linear: weights sum to zero; set normalize: false or give non-zero weights")
+    den = total if normalize else 1.0
+    # Σ cᵢθᵢ = (Σ cᵢ)·θ₀ + Σ cᵢτᵢ: the same sum, written so that θ₀ passes through unrounded when the
+    # coefficients sum to one (experts equal to the base give the base bit for bit).
     acc = torch.zeros_like(base)
-    for wi, m in zip(w, models):
-        acc.add_(m, alpha=wi / total if normalize else wi)
-    return acc
+    for wi, d in zip(w, deltas):
+        acc.add_(dense(d), alpha=wi / den)
+    base_coeff = total / den
+    return base + acc if base_coeff == 1.0 else base * base_coeff + acc

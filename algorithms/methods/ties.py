@@ -1,0 +1,80 @@
+"""TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models", arXiv 2306.01708).
+
+Per tensor, with task vectors τᵢ and recipe weights wᵢ (1 when not given):
+
+1. trim: τ̂ᵢ = τᵢ where |τᵢ| ≥ tᵢ, else 0; tᵢ is the k-th largest |τᵢ| with k = ⌊density·numel⌋ (≥ 1).
+   Entries equal to the threshold are kept, so more than k may survive. ``scope: tensor`` takes numel and
+   tᵢ per tensor (the paper's Qwen2-VL script); ``scope: model`` uses one threshold per expert over every
+   tensor the rule merges (the InternVL and modality scripts), computed exactly by a streaming pre-pass
+   (:class:`~omnimerge.algorithms.selection.TiesThresholdPrepass`) and read from
+   ``ctx.model_stats["ties_threshold"][expert_id]``.
+2. elect γ = sign(Σ wᵢτ̂ᵢ); where it is 0, the sign of Σγ over the tensor (paper code).
+3. disjoint mean τ_m = Σ_{agree} wᵢτ̂ᵢ / Σ_{agree} wᵢ (1 where none agree); with ``normalize: false``
+   the plain sum of the agreeing wᵢτ̂ᵢ (mergekit's parameter).
+
+θ = θ₀ + λ·τ_m. With unit weights this is the paper's TIES exactly; with weights it is mergekit's
+``ties`` (weights multiply τ̂ᵢ before the election, the divisor sums the agreeing weights), except that
+mergekit elects +1 where the sum is 0, keeps exactly k entries at the threshold (argsort order), and
+uses ``int(density·numel)`` without the ≥ 1 floor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..base import Delta, MergeContext, as_sequence, dense
+from ..consensus import ties_merge
+from ..registry import in_range, one_of, register
+from ..selection import TiesThresholdPrepass
+from ..sparsify import magnitude_threshold, trim
+
+__all__ = ["ties", "ties_thresholds"]
+
+
+def _prepass(params: Mapping[str, Any]) -> TiesThresholdPrepass | None:
+    if params.get("scope", "tensor") != "model":
+        return None
+    return TiesThresholdPrepass(float(params.get("density", 0.2)))
+
+
+def ties_thresholds(deltas: Sequence[torch.Tensor], *, ctx: MergeContext, density: float, scope: str) -> list[torch.Tensor]:
+    """The trim threshold of each expert for this tensor (per tensor, or the model-wide pre-pass value)."""
+    if scope == "tensor":
+        return [magnitude_threshold(d, density) for d in deltas]
+    if scope != "model":
+        raise ValueError(f"ties scope must be 'tensor' or 'model', got {scope!r}")
+    stats = ctx.model_stats.get(TiesThresholdPrepass.stat_key)
+    out = []
+    for i, d in enumerate(deltas):
+        eid = ctx.expert_id(i)
+        value = None
+        if stats is not None:
+            value = stats.get((eid, density), stats.get(eid))
+        if value is None:
+            raise ValueError(
+                f"ties with scope 'model' needs the model-wide threshold of expert '{eid}' for tensor "
+                f"'{ctx.tensor_name}' in ctx.model_stats['ties_threshold'], but it is missing. Run the "
+                f"method's pre-pass (MethodSpec.prepass) over every tensor of the rule first, or use scope 'tensor'."
+            )
+        out.append(torch.as_tensor(float(value), dtype=d.dtype, device=d.device))
+    return out
+
+
+@register(uses_weights=True, prepass=_prepass,
+          checks={"density": in_range(0, 1, low_open=True), "scope": one_of("tensor", "model")},
+          reference="Yadav et al. 2023, arXiv 2306.01708; mergekit 'ties'")
+def ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weights: Sequence[float] | None = None,
+         density: float = 0.2, scope: str = "tensor", normalize: bool = True, scale: float = 1.0) -> torch.Tensor:
+    """TIES: trim to the top density·numel magnitudes, elect signs by mass, disjoint mean; θ₀ + λ·τ_m.
+
+    Defaults: density 0.2 (paper code: mask rate 0.8, ALGORITHMS.md); scope 'tensor' (paper's Qwen2-VL
+    script); normalize true (paper's disjoint mean, mergekit's default for ties); λ = ``scale`` 1.0
+    (paper searched {0.1, 0.3, 0.5, 0.7, 1.0, 1.5}).
+    """
+    dense_deltas = [dense(d) for d in deltas]
+    thresholds = ties_thresholds(dense_deltas, ctx=ctx, density=density, scope=scope)
+    trimmed = [trim(d, t) for d, t in zip(dense_deltas, thresholds)]
+    merged = ties_merge(trimmed, as_sequence(weights, len(deltas)), normalize=normalize)
+    return base + scale * merged

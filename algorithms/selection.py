@@ -1,0 +1,132 @@
+"""Exact k-th largest magnitude over a stream of tensors, in bounded memory (TIES ``scope: model``).
+
+For finite float32 values, |x| ≥ 0 and the ordering of non-negative floats equals the ordering of their
+32-bit patterns read as integers. So the k-th largest |x| over a whole model is found by a two-pass radix
+select over the bit patterns, holding only two 65,536-bin histograms:
+
+1. pass 0: histogram of the top 16 bits of every |x|; walking the bins from the top, find the bin b where
+   the running count first reaches k (k' = k − count in bins above b);
+2. pass 1: histogram of the low 16 bits of the entries whose top bits equal b; the bin where the running
+   count from the top reaches k' gives the low 16 bits.
+
+The result is exactly ``torch.kthvalue(cat(|x|), total − k + 1)``, whatever the chunking or order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .base import LowRank
+from .sparsify import keep_count
+
+__all__ = ["RadixSelect", "kth_largest_abs", "TiesThresholdPrepass"]
+
+logger = logging.getLogger(__name__)
+
+_BINS = 1 << 16
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |x| as float32 (non-negative, so they order like the values)."""
+    return x.detach().reshape(-1).to(torch.float32).abs().contiguous().view(torch.int32)
+
+
+def _walk_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin where the count from the top first reaches ``k``, and k minus the count above it."""
+    counts = hist.flip(0).cumsum(0)  # counts[j] = entries in bins ≥ (BINS-1-j)
+    j = int(torch.searchsorted(counts, torch.tensor([k], dtype=counts.dtype)).item())
+    above = int(counts[j - 1]) if j > 0 else 0
+    return _BINS - 1 - j, k - above
+
+
+@dataclass
+class RadixSelect:
+    """Streaming exact k-th largest |x| over many tensors (k from ``density`` and the total count).
+
+    Use: ``update(0, t)`` for every tensor, ``end_pass(0)``, ``update(1, t)`` for every tensor again,
+    ``end_pass(1)``, then ``value``. Set ``k`` explicitly, or ``density`` to get k = ⌊density·total⌋ (≥ 1).
+    """
+
+    density: float | None = None
+    k: int | None = None
+    total: int = 0
+    _hi: torch.Tensor | None = None
+    _lo: torch.Tensor | None = None
+    _top_bin: int = -1
+    _k_rest: int = 0
+    value: float | None = None
+
+    def update(self, pass_index: int, x: torch.Tensor) -> None:
+        bits = _bits(x)
+        if pass_index == 0:
+            self.total += bits.numel()
+            h = torch.bincount((bits >> 16).long(), minlength=_BINS).cpu()
+            self._hi = h if self._hi is None else self._hi + h
+        elif pass_index == 1:
+            sel = bits[(bits >> 16) == self._top_bin]
+            h = torch.bincount((sel & 0xFFFF).long(), minlength=_BINS).cpu()
+            self._lo = h if self._lo is None else self._lo + h
+        else:
+            raise ValueError(f"RadixSelect has passes 0 and 1, got {pass_index}")
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            if self.total == 0 or self._hi is None:
+                raise ValueError("RadixSelect saw no values; nothing to select from")
+            if self.k is None:
+                if self.density is None:
+                    raise ValueError("RadixSelect needs k or density")
+                self.k = keep_count(self.density, self.total)
+            if not 1 <= self.k <= self.total:
+                raise ValueError(f"k = {self.k} is outside [1, {self.total}]")
+            self._top_bin, self._k_rest = _walk_from_top(self._hi, self.k)
+        elif pass_index == 1:
+            if self._lo is None:
+                raise ValueError("RadixSelect pass 1 saw no values")
+            low, _ = _walk_from_top(self._lo, self._k_rest)
+            pattern = torch.tensor([(self._top_bin << 16) | low], dtype=torch.int32)
+            self.value = float(pattern.view(torch.float32).item())
+
+
+def kth_largest_abs(tensors: Iterable[torch.Tensor] | list[torch.Tensor], k: int) -> float:
+    """Exact k-th largest |x| over ``tensors`` (iterated twice; pass a list)."""
+    tensors = list(tensors)
+    sel = RadixSelect(k=k)
+    for p in (0, 1):
+        for t in tensors:
+            sel.update(p, t)
+        sel.end_pass(p)
+    return float(sel.value)  # type: ignore[arg-type]
+
+
+class TiesThresholdPrepass:
+    """The :class:`~omnimerge.algorithms.registry.Prepass` of ``ties`` with ``scope: model``.
+
+    One state per expert; its result is that expert's model-wide trim threshold (the k-th largest |τᵢ|
+    over every tensor the rule merges, k = ⌊density·total numel⌋), read by the method as
+    ``ctx.model_stats["ties_threshold"][expert_id]``.
+    """
+
+    stat_key = "ties_threshold"
+    passes = 2
+
+    def __init__(self, density: float) -> None:
+        self.density = float(density)
+
+    def new_state(self, params: Mapping[str, Any]) -> RadixSelect:
+        return RadixSelect(density=float(params.get("density", self.density)))
+
+    def update(self, state: RadixSelect, pass_index: int, delta: Any) -> None:
+        state.update(pass_index, delta.dense() if isinstance(delta, LowRank) else delta)
+
+    def end_pass(self, state: RadixSelect, pass_index: int) -> None:
+        state.end_pass(pass_index)
+
+    def result(self, state: RadixSelect) -> float:
+        if state.value is None:
+            raise ValueError("ties threshold pre-pass did not finish both passes")
+        return state.value
