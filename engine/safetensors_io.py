@@ -71,6 +71,8 @@ _BY_TORCH: dict[torch.dtype, str] = {d.torch: d.name for d in DTYPES.values()}
 
 # A header larger than this is not a real checkpoint (safetensors itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+# Data bytes per file that go into its digest: cheap, and catches most rewrites with an unchanged layout.
+SAMPLE_BYTES = 64 * 1024
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -117,13 +119,15 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileHeader:
-    """One file's parsed header: its tensors (in offset order), metadata, size and header digest."""
+    """One file's parsed header: its tensors (in offset order), metadata, size, modification time and a
+    digest of the length field, the header and the first :data:`SAMPLE_BYTES` of data."""
 
     file: Path
     tensors: tuple[TensorInfo, ...]
     metadata: dict[str, str]
     size: int
     digest: str
+    mtime_ns: int = 0
 
 
 def read_header(file: Path) -> FileHeader:
@@ -136,7 +140,8 @@ def read_header(file: Path) -> FileHeader:
     """
     file = Path(file)
     try:
-        size = file.stat().st_size
+        stat = file.stat()
+        size = stat.st_size
         with open(file, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -151,6 +156,7 @@ def read_header(file: Path) -> FileHeader:
                     "field. The file is truncated or not safetensors; download it again."
                 )
             raw = f.read(n)
+            sample = f.read(SAMPLE_BYTES)
     except FileNotFoundError:
         raise SourceNotFoundError(f"Weights file '{file}' does not exist.") from None
     try:
@@ -180,8 +186,8 @@ def read_header(file: Path) -> FileHeader:
             )
         if t.end > t.start:
             prev = t
-    digest = hashlib.sha256(head + raw).hexdigest()
-    return FileHeader(file, tuple(tensors), dict(metadata), size, digest)
+    digest = hashlib.sha256(head + raw + sample).hexdigest()
+    return FileHeader(file, tuple(tensors), dict(metadata), size, digest, stat.st_mtime_ns)
 
 
 def _tensor_info(file: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
@@ -223,8 +229,9 @@ class TensorIndex:
         root: the checkpoint directory (shard paths are relative to it).
         files: the weight files, in the order their tensors are listed.
         metadata: each file's ``__metadata__``.
-        digests: sha256 of each file's length field + header (changes when any tensor layout changes).
+        digests: sha256 of each file's length field, header and first 64 KiB of data.
         sizes: each file's size in bytes.
+        mtimes: each file's modification time (ns) when indexed.
         pickle: True when the weights are pickle files (loaded only because ``allow_pickle`` was given).
     """
 
@@ -236,6 +243,7 @@ class TensorIndex:
         metadata: Mapping[Path, dict[str, str]],
         digests: Mapping[Path, str],
         sizes: Mapping[Path, int],
+        mtimes: Mapping[Path, int] | None = None,
         pickle: bool = False,
     ) -> None:
         self.root = Path(root)
@@ -255,6 +263,7 @@ class TensorIndex:
         self.metadata = dict(metadata)
         self.digests = dict(digests)
         self.sizes = dict(sizes)
+        self.mtimes = dict(mtimes or {})
         self.pickle = pickle
 
     # -- construction -------------------------------------------------------------------------------
@@ -340,6 +349,7 @@ class TensorIndex:
             metadata={h.file: h.metadata for h in headers.values()},
             digests={h.file: h.digest for h in headers.values()},
             sizes={h.file: h.size for h in headers.values()},
+            mtimes={h.file: h.mtime_ns for h in headers.values()},
         )
 
     @classmethod
@@ -356,6 +366,7 @@ class TensorIndex:
             metadata={h.file: h.metadata for h in headers},
             digests={h.file: h.digest for h in headers},
             sizes={h.file: h.size for h in headers},
+            mtimes={h.file: h.mtime_ns for h in headers},
         )
 
     @classmethod
@@ -370,14 +381,16 @@ class TensorIndex:
         tensors.sort(key=lambda t: t.name)
         digests = {}
         for f in files:
-            h = hashlib.sha256(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h = hashlib.sha256(fh.read(SAMPLE_BYTES))
             for t in tensors:
                 if t.file == f:
                     h.update(f"{t.name}\0{t.dtype}\0{t.shape}\n".encode())
             digests[f] = h.hexdigest()
         return cls(
             root, tensors, metadata={f: {} for f in files}, digests=digests,
-            sizes={f: f.stat().st_size for f in files}, pickle=True,
+            sizes={f: f.stat().st_size for f in files}, mtimes={f: f.stat().st_mtime_ns for f in files},
+            pickle=True,
         )
 
     # -- mapping interface --------------------------------------------------------------------------
@@ -412,13 +425,16 @@ class TensorIndex:
         """Bytes of tensor data (not headers)."""
         return sum(t.nbytes for t in self._tensors.values())
 
-    def fingerprint(self) -> str:
-        """sha256 over each file's name (relative to root), size and header digest: cheap, changes when
-        the files do (a rewrite with identical layout and size but other values is not detected)."""
+    def fingerprint(self, with_mtime: bool = True) -> str:
+        """sha256 over each file's name (relative to root), size, digest (header + first 64 KiB of data) and,
+        with ``with_mtime``, modification time. Cheap (no full read). Leave mtimes out where the content is
+        pinned otherwise (a hub commit); then a rewrite that keeps layout, size and the first 64 KiB of
+        every file is not detected."""
         h = hashlib.sha256()
         for f in self.files:
             rel = os.path.relpath(f, self.root)
-            h.update(f"{rel}\0{self.sizes[f]}\0{self.digests[f]}\n".encode())
+            mtime = self.mtimes.get(f, 0) if with_mtime else 0
+            h.update(f"{rel}\0{self.sizes[f]}\0{self.digests[f]}\0{mtime}\n".encode())
         return h.hexdigest()
 
     def __repr__(self) -> str:
