@@ -223,3 +223,33 @@ def test_hub_id_not_cached_offline(tmp_path, monkeypatch) -> None:
         "HF_HUB_OFFLINE is set, so nothing was downloaded. Download it first (`hf download tiny-org/absent`) or "
         "unset HF_HUB_OFFLINE."
     )
+
+
+# -- the shared tiny-model helpers ----------------------------------------------------------------------------
+
+
+def test_make_expert_is_deterministic_and_selective(zoo, tmp_path) -> None:
+    base = load_state_dict(zoo["base"])
+    expert = load_state_dict(zoo["expert"])
+    again = load_state_dict(make_expert(zoo["base"], tmp_path / "again", seed=1, only=r"layers\.0\."))
+    assert sorted(p.name for p in zoo["expert"].iterdir()) == sorted(p.name for p in zoo["base"].iterdir())
+    for name, t in base.items():
+        assert torch.equal(expert[name], again[name])
+        if "layers.0." in name:
+            diff = (expert[name] - t).abs()
+            assert 0 < diff.max() < 0.1, name  # noise 1e-2 · N(0, 1)
+        else:
+            assert torch.equal(expert[name], t), name
+
+
+def test_tiny_llava_loads_and_runs(tmp_path) -> None:
+    from tiny_models import build_tiny_llava
+    from transformers import LlavaForConditionalGeneration
+
+    d = build_tiny_llava(tmp_path / "llava")
+    assert len(list(d.glob("model-*.safetensors"))) > 1 and (d / "generation_config.json").is_file()
+    model = LlavaForConditionalGeneration.from_pretrained(d)
+    ids = torch.tensor([[3] + [120] * 4 + [5, 6]])  # 120 is the image token: 28×28 → 4 patches (CLS dropped)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=torch.zeros(1, 3, 28, 28))
+    assert out.logits.shape == (1, 7, 128) and torch.isfinite(out.logits).all()
