@@ -94,7 +94,8 @@ def load_processor(path: str | Path, model_type: str) -> Any:
                 f"Processor of model '{path}' cannot be loaded: AutoProcessor said '{auto_error}', and building "
                 f"{class_name} from its image processor and tokenizer said '{error}'. Check the processor files."
             ) from error
-        logger.info("%s: AutoProcessor failed (%s); using %s without a video processor", path, auto_error, class_name)
+        reason = str(auto_error).strip().splitlines()[0] if str(auto_error).strip() else type(auto_error).__name__
+        logger.info("%s: AutoProcessor failed (%s); using %s without a video processor", path, reason, class_name)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     return processor
