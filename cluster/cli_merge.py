@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -51,18 +52,20 @@ def _merge(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     progress = not args.no_progress
+    # Fault injection for recovery tests ("<tensor>:<marker file>", see engine.execute.JobContext.fault).
+    fault = os.environ.get("OMNIMERGE_FAULT") or None
     if args.executor == "local":
         from omnimerge.engine.execute import LocalExecutor
 
         report = run_merge(recipe, args.output, executor=LocalExecutor(args.workers or 1),
-                           overwrite=args.overwrite, device=args.device, progress=progress)
+                           overwrite=args.overwrite, device=args.device, progress=progress, fault=fault)
     else:
         from .ray_executor import RayExecutor, ray_session
 
         with ray_session(args.address) as info:
             executor = RayExecutor(workers=args.workers, device=args.device, session=info)
             report = run_merge(recipe, args.output, executor=executor, overwrite=args.overwrite,
-                               device=args.device, progress=progress)
+                               device=args.device, progress=progress, fault=fault)
     print(report.summary(), file=sys.stderr)
     return 0
 
