@@ -145,7 +145,8 @@ class ResultsStore:
     def finished_rows(self) -> list[dict[str, Any]]:
         """Rows of every task finished on disk (``.score.json`` files), committed or not."""
         rows: list[dict[str, Any]] = []
-        for path in sorted((self.root / "predictions").glob("*/*.score.json")):
+        paths = (self.root / "predictions").glob("*/*.score.json")
+        for path in sorted(paths, key=lambda p: (p.stat().st_mtime_ns, str(p))):  # in the order they finished
             rows += json.loads(path.read_text())
         return rows
 
