@@ -28,17 +28,27 @@ MERGEKIT_METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "linear": ("linear", {"normalize": "normalize"}),
     "task_arithmetic": ("task_arithmetic", {"lambda": "scale"}),
     "ties": ("ties", {"density": "density", "lambda": "scale", "normalize": "normalize"}),
-    "dare_linear": ("dare_linear", {"density": "density", "lambda": "scale", "normalize": "normalize",
+    # mergekit's DARE `density` is the probability of KEEPING an entry: omnimerge's drop rate p = 1 − density.
+    "dare_linear": ("dare_linear", {"density": "p", "lambda": "scale", "normalize": "normalize",
                                     "rescale": "rescale"}),
-    "dare_ties": ("dare_ties", {"density": "density", "lambda": "scale", "normalize": "normalize",
+    "dare_ties": ("dare_ties", {"density": "p", "lambda": "scale", "normalize": "normalize",
                                 "rescale": "rescale"}),
     "breadcrumbs": ("breadcrumbs", {"density": "density", "gamma": "gamma", "lambda": "scale",
                                     "normalize": "normalize"}),
     "della": ("della", {"density": "density", "epsilon": "epsilon", "lambda": "scale", "normalize": "normalize"}),
+    "della_linear": ("della", {"density": "density", "epsilon": "epsilon", "lambda": "scale",
+                               "normalize": "normalize"}),
     "slerp": ("slerp", {"t": "t"}),
     "model_stock": ("model_stock", {}),
 }
-_PER_MODEL_SHARED = {"density", "epsilon", "gamma"}  # mergekit allows these per model; we need one value
+_PER_MODEL_SHARED = {"density", "epsilon", "gamma"}
+# Value conversions where mergekit's parameter means the complement of omnimerge's.
+_CONVERT = {("dare_linear", "density"): lambda v: 1.0 - v, ("dare_ties", "density"): lambda v: 1.0 - v}
+# Parameters fixed by the mergekit method's definition.
+_FIXED = {
+    "dare_ties": {"density": 1.0},  # mergekit's dare_ties: DARE + sign consensus, no extra magnitude trim
+    "della_linear": {"consensus": False},
+}  # mergekit allows these per model; we need one value
 _TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
 _REFUSED = {
     "slices": "layer slicing/stacking (frankenmerges) is not supported; merge whole models",
@@ -110,7 +120,10 @@ def translate_mergekit(doc: dict[str, Any], *, path: str | None = None) -> dict[
             problems.append(f"models give different '{key}' values {sorted(values)}; omnimerge uses one value per "
                             f"method. Set it once under 'parameters'.")
         else:
-            params[names[key]] = next(iter(values))
+            value = next(iter(values))
+            params[names[key]] = _CONVERT.get((mk_method, key), lambda v: v)(value)
+    for key, value in _FIXED.get(mk_method, {}).items():
+        params.setdefault(key, value)
     if mk_method == "linear" and base_weight is not None:
         params["include_base"] = True
         params["base_weight"] = base_weight
@@ -164,7 +177,7 @@ def _put_param(params: dict[str, Any], key: str, value: Any, names: dict[str, st
     if isinstance(value, (list, dict)):
         problems.append(f"{where}: per-layer '{key}' gradients are not supported; give one value.")
         return
-    params[names[key]] = value
+    params[names[key]] = _CONVERT.get((method, key), lambda v: v)(value)
 
 
 def _expert_name(source: str, taken: dict[str, Any]) -> str:
