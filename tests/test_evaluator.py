@@ -134,3 +134,22 @@ def test_rescore_with_a_planted_correct_answer(tmp_path: Path) -> None:
     store.record_task("m", "t", [], [record, wrong])
     assert rescore_predictions(store.predictions_path("m", "t")) == pytest.approx(0.5)  # (1.0 + 0.0) / 2
     assert rescore_predictions(store.predictions_path("m", "t"), metric="exact_match_ocrvqa") == 0.0
+
+
+def test_eval_command_in_process(model_dir: Path, data_root: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from omnimerge.cluster.cli import main
+
+    suite_file = tmp_path / "tiny.yaml"
+    suite_file.write_text(
+        "name: tiny\ntasks:\n  - {name: vqa, capability: VQA, path: vqa, metric: vqa_accuracy, max_new_tokens: 3}\n"
+    )
+    argv = ["eval", "--base", f"base={model_dir}", "--suite", str(suite_file), "--data-root", str(data_root),
+            "-o", str(tmp_path / "res"), "--executor", "local", "--max-samples", "2", "--report"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "base\tvqa\tvqa_accuracy\t0.0000\t2\n"
+    assert "eval: 1/1 (model × task) done" in captured.err
+    assert (tmp_path / "res" / "report.png").is_file()
+    assert main(["eval", "--suite", str(suite_file)]) == 1
+    assert "No models to evaluate; give checkpoint directories" in capsys.readouterr().err

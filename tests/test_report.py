@@ -87,3 +87,16 @@ def test_write_report_from_results_dir(tmp_path: Path) -> None:
 def test_no_results_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match=f"No evaluation results at '{tmp_path}'; run `omnimerge eval"):
         write_report(tmp_path)
+
+
+def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from omnimerge.cluster.cli import main
+
+    store = ResultsStore(tmp_path / "results")
+    for row in _rows(SCORES):
+        store.record_task(row["model"], row["task"], [row], [])
+    assert main(["report", str(tmp_path / "results"), "--role", "chart=merged", "--title", "Zoo"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "results" / n) for n in ("report.md", "report.png")]
+    assert "| chart | merged |" in (tmp_path / "results" / "report.md").read_text()
+    assert main(["report", str(tmp_path / "results"), "--role", "chart=teacher"]) == 1
+    assert "--role 'chart=teacher': role must be one of base, expert, merged, model." in capsys.readouterr().err
