@@ -93,6 +93,8 @@ class Sample:
         answer: the training target, in the format the model must produce.
         answers: references for scoring (the ``answers`` column).
         bbox: grounding only: the target box ``[x, y, w, h]`` in pixels.
+        choices: geometry only: the options, in the order the question lists them (MathVista style).
+        caption: the pre-training target for the same image.
     """
 
     image: Image.Image
@@ -100,6 +102,7 @@ class Sample:
     answer: str
     answers: list[str]
     bbox: list[float] | None = None
+    choices: list[str] = field(default_factory=list)
     caption: str = field(default="", repr=False)
 
 
@@ -228,9 +231,9 @@ def _geometry(rng: random.Random) -> Sample:
             for k in range(sides)
         ]
         draw.polygon(points, outline=ink, width=3)
-        choices = sorted(POLYGONS)
+        choices = [str(n) for n in sorted(POLYGONS)]
         question = "How many sides does the polygon have?"
-        correct = choices.index(sides)
+        correct = sorted(POLYGONS).index(sides)
         caption = f"a {POLYGONS[sides]} drawn in {ink_name}."
     else:
         kind = rng.randrange(3)
@@ -249,8 +252,8 @@ def _geometry(rng: random.Random) -> Sample:
     letters = "ABCD"
     listed = "\n".join(f"({letters[i]}) {choice}" for i, choice in enumerate(choices))
     question = f"Question: {question}\nChoices:\n{listed}"
-    answer = letters[correct]
-    return Sample(image, question, answer, [answer], caption=caption)
+    # MathVista keeps the correct choice's text as the answer; the model is asked for the letter.
+    return Sample(image, question, letters[correct], [choices[correct]], choices=choices, caption=caption)
 
 
 def _chart(rng: random.Random) -> Sample:
