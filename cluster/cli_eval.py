@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predictions to RESULTS/predictions/. A rerun skips (model, task) pairs already scored.",
     )
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="checkpoint directory, or NAME=DIR; merged outputs are labelled from their manifest")  # fmt: skip
+                   help="checkpoint directory, or NAME=DIR; merged outputs are labelled by their manifest")  # fmt: skip
     p.add_argument("--base", action="append", default=[], metavar="MODEL", help="a model labelled 'base'")
     p.add_argument("--expert", action="append", default=[], metavar="MODEL", help="a model labelled 'expert'")
     p.add_argument("--suite", required=True,
@@ -100,7 +100,8 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         table = evaluate_models(entries, suite, data_root=args.data_root, results_dir=args.results,
                                 address=args.address, executor=args.executor, options=options, backend=args.backend,
-                                skip_missing=args.skip_missing, max_retries=args.max_retries, progress=progress)  # fmt: skip
+                                skip_missing=args.skip_missing, max_retries=args.max_retries,
+                                progress=progress)  # fmt: skip
     finally:
         progress.close()
     names = {e.name for e in entries}

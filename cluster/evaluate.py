@@ -59,7 +59,9 @@ class EvalProgress:
                 f"elapsed {fmt(self.elapsed)}, ETA {eta}")  # fmt: skip
 
 
-def plan_evaluation(models: Sequence[ModelEntry], suite: Suite, store: ResultsStore) -> list[tuple[ModelEntry, list[TaskSpec]]]:
+def plan_evaluation(
+    models: Sequence[ModelEntry], suite: Suite, store: ResultsStore
+) -> list[tuple[ModelEntry, list[TaskSpec]]]:
     """The (model, pending tasks) pairs still to run: tasks already scored in ``store`` are left out."""
     done = store.scored_pairs()
     plan = []
@@ -107,7 +109,8 @@ def _count_done(store: ResultsStore, planned: set[tuple[str, str]]) -> int:
 
 
 def _run_local(plan: list[tuple[ModelEntry, list[TaskSpec]]], data_root: str | None, store: ResultsStore,
-               options: EvalOptions, suite_name: str, backend: str, report: Callable[[int, int], None]) -> list[str]:  # fmt: skip
+               options: EvalOptions, suite_name: str, backend: str,
+               report: Callable[[int, int], None]) -> list[str]:  # fmt: skip
     failures = []
     done = 0
     for entry, tasks in plan:

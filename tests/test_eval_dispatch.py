@@ -107,7 +107,8 @@ def test_new_task_on_rerun_runs_only_that_pair(
 
 
 def test_missing_data_and_bad_arguments_are_refused(models: list[ModelEntry], tmp_path: Path) -> None:
-    with pytest.raises(EvaluationError, match=r"(?s)Suite 'tiny' cannot run: data is missing under .*- task 'vqa': no data at"):
+    missing = r"(?s)Suite 'tiny' cannot run: data is missing under .*- task 'vqa': no data at"
+    with pytest.raises(EvaluationError, match=missing):
         evaluate_models(models, tiny_suite(), data_root=tmp_path / "nowhere", results_dir=tmp_path, executor="local")
     with pytest.raises(EvaluationError, match="Unknown executor 'threads'; use 'ray' or 'local'."):
         evaluate_models(models, tiny_suite(), results_dir=tmp_path, executor="threads")

@@ -33,7 +33,7 @@ def test_parquet_layouts(tmp_path: Path) -> None:
     assert _ids(_task(str(tmp_path / "a" / "test.parquet")), None) == ["q0", "q1", "q2"]  # a file, absolute
     assert _ids(_task("a"), tmp_path, limit=2) == ["q0", "q1"]
     sample = next(iter_samples(_task("a"), tmp_path))
-    assert sample.image == png_bytes(0) and sample.answers == ("3",) and sample.question == "what colour is the circle ?"
+    assert (sample.image, sample.answers, sample.question) == (png_bytes(0), ("3",), "what colour is the circle ?")
 
 
 def _save_to_disk(folder: Path, rows: list[dict]) -> None:

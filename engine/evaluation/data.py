@@ -53,9 +53,12 @@ class DataFiles:
     files: tuple[Path, ...]
 
 
+_PARQUET_PATTERNS = ("{split}.parquet", "{split}-*.parquet", "data/{split}-*.parquet")
+_STATE_FILES = ("{split}/state.json", "state.json")
+
+
 def _searched(split: str) -> list[str]:
-    return [f"{split}.parquet", f"{split}-*.parquet", f"data/{split}-*.parquet", f"{split}/state.json", "state.json",
-            f"{split}.jsonl"]  # fmt: skip
+    return [p.format(split=split) for p in (*_PARQUET_PATTERNS, *_STATE_FILES, "{split}.jsonl")]
 
 
 def _arrow_files(state_json: Path) -> DataFiles:
@@ -71,11 +74,12 @@ def find_data_files(directory: Path, split: str) -> DataFiles | None:
         return DataFiles(kind, (directory,)) if kind else None
     if not directory.is_dir():
         return None
-    for pattern in (f"{split}.parquet", f"{split}-*.parquet", f"data/{split}-*.parquet"):
-        found = sorted(directory.glob(pattern))
+    for pattern in _PARQUET_PATTERNS:
+        found = sorted(directory.glob(pattern.format(split=split)))
         if found:
             return DataFiles("parquet", tuple(found))
-    for state in (directory / split / "state.json", directory / "state.json"):
+    for state_file in _STATE_FILES:
+        state = directory / state_file.format(split=split)
         if state.is_file():
             return _arrow_files(state)
     if (directory / f"{split}.jsonl").is_file():

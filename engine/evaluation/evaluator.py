@@ -155,7 +155,9 @@ class Evaluator:
         return {**GREEDY, "max_new_tokens": int(max_new_tokens), "eos_token_id": base.eos_token_id,
                 "pad_token_id": pad}  # fmt: skip
 
-    def generate(self, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int) -> tuple[list[str], list[Any]]:
+    def generate(
+        self, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int
+    ) -> tuple[list[str], list[Any]]:
         """Answer a batch of (prompt, image) pairs greedily.
 
         Args:

@@ -237,12 +237,16 @@ def _resolve_extends(data: dict[str, Any], source: str, depth: int = 0) -> dict[
         parent_ref = Path(source).parent / parent_ref
     found = _read_yaml(parent_ref if parent_ref.suffix else str(parent_name))
     if found is None:
-        raise EvaluationError(f"Suite '{source}' extends '{parent_name}', which is neither a file nor a built-in suite.")
+        raise EvaluationError(
+            f"Suite '{source}' extends '{parent_name}', which is neither a file nor a built-in suite."
+        )
     parent = _resolve_extends(*found, depth=depth + 1)
     overrides = data.get("overrides") or {}
     unknown = sorted(set(overrides) - {t.get("name") for t in parent.get("tasks", [])})
     if unknown:
-        raise EvaluationError(f"Suite '{source}' overrides tasks its parent '{parent_name}' lacks: {', '.join(unknown)}.")
+        raise EvaluationError(
+            f"Suite '{source}' overrides tasks its parent '{parent_name}' lacks: {', '.join(unknown)}."
+        )
     tasks = data.get("tasks") or [{**t, **(overrides.get(t.get("name")) or {})} for t in parent.get("tasks", [])]
     merged = {**parent, **{k: v for k, v in data.items() if k not in ("extends", "overrides")}, "tasks": tasks}
     merged["defaults"] = {**(parent.get("defaults") or {}), **(data.get("defaults") or {})}
