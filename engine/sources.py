@@ -123,6 +123,7 @@ def resolve_source(
     allow_pickle: bool = False,
     base: ResolvedSource | None = None,
     cache_dir: str | None = None,
+    plan_only: bool = False,
 ) -> ResolvedSource:
     """Find a source on disk (downloading a hub id if needed and allowed) and index its tensors.
 
@@ -132,6 +133,9 @@ def resolve_source(
         allow_pickle: accept pickle weights (loaded with ``weights_only=True``).
         base: the resolved base model; required for a LoRA source (its tensor names anchor the adapter).
         cache_dir: the hub cache (default: huggingface_hub's).
+        plan_only: for planning before a download: a hub id fetches only its JSON files, and a model whose
+            weights are absent is indexed from its ``config.json`` (:mod:`omnimerge.engine.config_index`;
+            shapes only, nothing can be read from it).
 
     Raises:
         SourceNotFoundError: no such directory and not a repo id; a repo or revision not in the cache while
@@ -139,7 +143,7 @@ def resolve_source(
         UnsafeCheckpointError: pickle weights without ``allow_pickle``; an index escaping its directory.
         SourceError: malformed files, unsupported adapters, a LoRA without a base.
     """
-    path, revision = _locate(spec, label=label, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    path, revision = _locate(spec, label=label, allow_pickle=allow_pickle, cache_dir=cache_dir, plan_only=plan_only)
     is_adapter = (path / ADAPTER_CONFIG).is_file()
     kind = spec.kind if spec.kind != "auto" else ("lora" if is_adapter else "model")
     remote_code = _note_remote_code(path, label)
@@ -149,7 +153,15 @@ def resolve_source(
                 f"Source '{label}' ('{spec.source}') is a LoRA adapter ({ADAPTER_CONFIG}) but the recipe says "
                 "kind: model. Set kind: lora (or auto) for it."
             )
-        index = TensorIndex.from_dir(path, allow_pickle=allow_pickle)
+        try:
+            index = TensorIndex.from_dir(path, allow_pickle=allow_pickle)
+        except SourceNotFoundError:
+            if not (plan_only and (path / "config.json").is_file()):
+                raise
+            from .config_index import config_tensor_index
+
+            logger.info("Source '%s' has no weights at %s; planning from its config.json", label, path)
+            index = config_tensor_index(path)
         return ResolvedSource(label, spec, "model", path, revision, index, None, remote_code)
     if not is_adapter:
         raise SourceError(
@@ -170,7 +182,8 @@ def resolve_source(
     return ResolvedSource(label, spec, "lora", path, revision, adapter.index, adapter, remote_code)
 
 
-def _locate(spec: SourceSpec, *, label: str, allow_pickle: bool, cache_dir: str | None) -> tuple[Path, str | None]:
+def _locate(spec: SourceSpec, *, label: str, allow_pickle: bool, cache_dir: str | None,
+            plan_only: bool = False) -> tuple[Path, str | None]:
     local = Path(spec.source).expanduser()
     if local.is_dir():
         if spec.revision:
@@ -185,14 +198,15 @@ def _locate(spec: SourceSpec, *, label: str, allow_pickle: bool, cache_dir: str 
             f"Source '{label}': '{spec.source}' is neither an existing directory nor a hub repo id (org/name). "
             "Check the path."
         )
-    return _download(spec, label=label, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    return _download(spec, label=label, allow_pickle=allow_pickle, cache_dir=cache_dir, plan_only=plan_only)
 
 
 def _looks_like_repo_id(source: str) -> bool:
     return bool(_REPO_ID.match(source)) and not source.startswith((".", "~")) and ".." not in source
 
 
-def _download(spec: SourceSpec, *, label: str, allow_pickle: bool, cache_dir: str | None) -> tuple[Path, str]:
+def _download(spec: SourceSpec, *, label: str, allow_pickle: bool, cache_dir: str | None,
+              plan_only: bool = False) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -204,6 +218,8 @@ def _download(spec: SourceSpec, *, label: str, allow_pickle: bool, cache_dir: st
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
     patterns = list(HUB_ALLOW_PATTERNS) + (list(HUB_PICKLE_PATTERNS) if allow_pickle else [])
+    if plan_only:  # configs and indexes only; weights already in the cache are used where present
+        patterns = ["*.json"]
     where = f"'{spec.source}'" + (f" at revision '{spec.revision}'" if spec.revision else "")
     try:
         path = snapshot_download(
