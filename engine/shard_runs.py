@@ -1,0 +1,450 @@
+"""One pass over a shard's tensors for one or many runs: read once, build task vectors once, merge per run.
+
+This is the inner loop every ShardJob runs. A single merge is the one-run case (``run_shard_job``); a sweep
+job (:mod:`omnimerge.engine.sweep_job`) hands it every run of a sweep that shares the shard layout. Per
+tensor, in the shard's order:
+
+1. :class:`SharedInputs` reads the base tensor and, on first demand, each pool expert's input, and builds
+   the float32 task vector τᵢ = θᵢ − θ₀ once (a LoRA expert's factors stay a :class:`LowRank`; its dense
+   product is built once too). Every run that merges the tensor gets the same objects.
+2. Each run (a :class:`RunSlot`) applies its own rule: keep at base, or its method on the deltas of *its*
+   experts in *its* order, with exactly the calls a lone merge makes (same batching of same-shape tensors
+   for methods with a batched form), then casts and appends to its own shard file.
+3. Methods share work through one memo per tensor (``MergeContext.memo``): per-expert SVDs, Gram matrices,
+   the interference solution T. Keys carry the expert ids (expert name + source hash), never positions.
+   Each run sees the memo through a namespace naming how its deltas arrive (single tensor or which batch;
+   dense or LoRA factors), so a value is reused only where the lone merge would have computed the very
+   same float32 operations on the very same inputs — outputs stay byte-identical to separate merges.
+4. A run that fails (a non-finite input of one of its experts, a method error) loses only its own shard
+   file; the other runs go on. Inputs of a tensor are dropped after its turn; inputs a batched run read
+   ahead for later members stay until those members' turn.
+
+Memory of one pass: the shared inputs of one tensor (base + the deltas of the experts the runs use, i.e.
+bounded by the pool, not by the number of runs) + one method's workspace at a time + the memo of one
+tensor + the cast outputs batched runs hold for later members of their batch (grows with batched runs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import MutableMapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from omnimerge.algorithms.base import Delta, LowRank, MergeContext
+from omnimerge.algorithms.registry import get_method
+
+from .errors import NonFiniteError, ShardJobError
+from .plan import ShardJob, TensorTask
+from .safetensors_io import DTYPES, ShardWriter, TensorReader
+from .sources import ResolvedSource
+
+__all__ = ["SharedInputs", "RunSlot", "SlotOutcome", "ShardResult", "run_slots", "plan_batches", "record_path",
+           "write_record", "ProgressFn"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int], None]  # (event, bytes): "tensor" after each tensor, "job" after each job
+
+
+@dataclass
+class ShardResult:
+    """What a finished job reports back for one output shard (small: crosses the object store)."""
+
+    filename: str
+    size: int
+    sha256: str
+    tensors: list[str]
+    bytes_read: int
+    seconds: float
+    worker: str = ""
+    device: str = "cpu"
+    skipped: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def record_path(staging: Path, filename: str) -> Path:
+    """Where the verified record of shard ``filename`` lives in a staging directory."""
+    return staging / ".records" / f"{filename}.json"
+
+
+def write_record(staging: Path, result: ShardResult) -> None:
+    """Record a finished shard (atomically), so a rerun can verify and skip it."""
+    rec = record_path(staging, result.filename)
+    rec.parent.mkdir(parents=True, exist_ok=True)
+    tmp = rec.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(result.to_json()))
+    os.replace(tmp, rec)
+
+
+def check_finite(t: torch.Tensor, name: str, where: str) -> None:
+    """Raise :class:`NonFiniteError` naming the tensor and its origin when ``t`` holds NaN or Inf."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(
+            f"Tensor '{name}' of {where} holds {bad} non-finite value(s) (NaN/Inf). A merge of it would be "
+            f"meaningless; repair or drop that checkpoint, or keep '{name}' at base with a rule.")
+
+
+def cast(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` in the storage dtype, contiguous, on the CPU (no copy when it already is)."""
+    want = DTYPES[dtype].torch
+    if t.dtype != want or t.device.type != "cpu":
+        return t.to(want).contiguous().cpu()
+    return t.contiguous()
+
+
+class SharedInputs:
+    """Readers over the base and a pool of experts, with a per-tensor cache of base and task vectors.
+
+    Opened lazily in the process that runs the job. ``bytes_read`` counts bytes actually read from storage.
+    """
+
+    def __init__(self, base: ResolvedSource, pool: Sequence[ResolvedSource], device: str = "cpu") -> None:
+        self.base_source = base
+        self.pool = list(pool)
+        self.device = device
+        self.bytes_read = 0
+        self.seconds = 0.0  # spent reading and building task vectors
+        self._base_reader: TensorReader | None = None
+        self._readers: dict[int, TensorReader] = {}
+        self._raw: dict[str, torch.Tensor] = {}
+        self._base32: dict[str, torch.Tensor] = {}
+        self._deltas: dict[tuple[str, int], Delta] = {}
+        self._dense: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _reader(self, i: int) -> TensorReader:
+        if i not in self._readers:
+            self._readers[i] = TensorReader(self.pool[i].index)
+        return self._readers[i]
+
+    def _count(self, t: torch.Tensor) -> None:
+        self.bytes_read += t.numel() * t.element_size()
+
+    def base_raw(self, name: str) -> torch.Tensor:
+        """The base tensor as stored (kept tensors are cast from this)."""
+        if name not in self._raw:
+            t0 = time.perf_counter()
+            if self._base_reader is None:
+                self._base_reader = TensorReader(self.base_source.index)
+            t = self._base_reader.read(name)
+            self._count(t)
+            self._raw[name] = t
+            self.seconds += time.perf_counter() - t0
+        return self._raw[name]
+
+    def base32(self, name: str) -> torch.Tensor:
+        """θ₀ in float32 on the device, checked finite."""
+        if name not in self._base32:
+            raw = self.base_raw(name)
+            t0 = time.perf_counter()
+            b = raw.to(self.device, torch.float32)
+            check_finite(b, name, f"base ({self.base_source.spec.source})")
+            self._base32[name] = b
+            self.seconds += time.perf_counter() - t0
+        return self._base32[name]
+
+    def delta(self, name: str, i: int, *, lowrank: bool) -> Delta:
+        """Task vector of pool expert ``i`` for tensor ``name``: a LoRA expert's factors when ``lowrank``
+        (and the expert targets the tensor), else the dense float32 τᵢ."""
+        key = (name, i)
+        if key not in self._deltas:
+            base32 = self.base32(name)
+            t0 = time.perf_counter()
+            self._deltas[key] = self._build(name, i, base32)
+            self.seconds += time.perf_counter() - t0
+        d = self._deltas[key]
+        if not isinstance(d, LowRank) or lowrank:
+            return d
+        if key not in self._dense:
+            t0 = time.perf_counter()
+            self._dense[key] = d.dense()
+            self.seconds += time.perf_counter() - t0
+        return self._dense[key]
+
+    def _build(self, name: str, i: int, base32: torch.Tensor) -> Delta:
+        expert = self.pool[i]
+        if expert.kind == "model":
+            t = self._reader(i).read(name)
+            self._count(t)
+            t32 = t.to(self.device, torch.float32)
+            check_finite(t32, name, f"expert '{expert.label}' ({expert.spec.source})")
+            return t32 - base32
+        adapter = expert.lora
+        if name in adapter.replacements:
+            t = self._reader(i).read(adapter.replacements[name])
+            self._count(t)
+            t32 = t.to(self.device, torch.float32)
+            check_finite(t32, name, f"expert '{expert.label}' ({expert.spec.source}, modules_to_save)")
+            return t32 - base32
+        if name in adapter.targets:
+            lr = adapter.delta(name, self._reader(i)).to(self.device)
+            self.bytes_read += (lr.A.numel() + lr.B.numel()) * lr.A.element_size()
+            check_finite(lr.A, name, f"LoRA expert '{expert.label}' (lora_A)")
+            check_finite(lr.B, name, f"LoRA expert '{expert.label}' (lora_B)")
+            return lr
+        return torch.zeros_like(base32)
+
+    def release(self, name: str) -> None:
+        """Forget every cached input of tensor ``name`` (after its turn)."""
+        self._raw.pop(name, None)
+        self._base32.pop(name, None)
+        for i in range(len(self.pool)):
+            self._deltas.pop((name, i), None)
+            self._dense.pop((name, i), None)
+
+    def close(self) -> None:
+        if self._base_reader is not None:
+            self._base_reader.close()
+        for r in self._readers.values():
+            r.close()
+        self._raw.clear(), self._base32.clear(), self._deltas.clear(), self._dense.clear()
+
+
+class _MemoView(MutableMapping):
+    """A run's view of the shared per-tensor memo: its keys live under ``namespace`` (see module doc)."""
+
+    def __init__(self, shared: dict, namespace: tuple) -> None:
+        self.shared = shared
+        self.namespace = namespace
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.shared[(self.namespace, key)]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.shared[(self.namespace, key)] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self.shared[(self.namespace, key)]
+
+    def __contains__(self, key: object) -> bool:
+        return (self.namespace, key) in self.shared
+
+    def __iter__(self) -> Iterator[Any]:
+        return (k for ns, k in self.shared if ns == self.namespace)
+
+    def __len__(self) -> int:
+        return sum(1 for ns, _ in self.shared if ns == self.namespace)
+
+
+@dataclass
+class RunSlot:
+    """One run's share of a shard: its tasks, its experts (indices into the pool, in the run's order), and
+    the staging directory its shard goes to. Picklable (no open files)."""
+
+    run_id: str
+    job: ShardJob
+    experts: tuple[int, ...]
+    weights: tuple[float, ...]
+    expert_ids: tuple[str, ...]
+    seed: int
+    staging: Path
+    label: str  # the recipe, for messages
+    model_stats: dict[str, Any] = field(default_factory=dict)
+    max_batch_bytes: int = 1 << 30
+
+
+@dataclass
+class SlotOutcome:
+    """How one run's shard ended: a :class:`ShardResult`, or the error that lost it (with the tensor)."""
+
+    run_id: str
+    result: ShardResult | None = None
+    error: BaseException | None = None
+    tensor: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+
+def plan_batches(job: ShardJob, n_experts: int, max_batch_bytes: int) -> dict[str, list[TensorTask]]:
+    """Same-method, same-parameter, same-shape merges of a job that a method can run stacked, keyed by the
+    name of their first member (whose turn triggers the batch). Deterministic: depends on the job, the
+    number of experts and the byte cap only, so a sweep run batches exactly as its lone merge does."""
+    groups: dict[tuple, list[TensorTask]] = {}
+    for task in job.tensors:
+        if task.action != "merge" or get_method(task.method).batched is None:
+            continue
+        groups.setdefault((task.method, task.params, task.shape), []).append(task)
+    out: dict[str, list[TensorTask]] = {}
+    per_input = n_experts + 1
+    for members in groups.values():
+        step = max(1, max_batch_bytes // max(1, members[0].numel * 4 * per_input))
+        for i in range(0, len(members), step):
+            chunk = members[i:i + step]
+            if len(chunk) > 1:
+                out[chunk[0].name] = chunk
+    return out
+
+
+class _Run:
+    """Mutable state of one slot while the job runs."""
+
+    def __init__(self, slot: RunSlot, device: str) -> None:
+        self.slot = slot
+        self.device = device
+        self.tasks = {t.name: t for t in slot.job.tensors}
+        self.batches = plan_batches(slot.job, len(slot.experts), slot.max_batch_bytes)
+        self.lora = False  # any LoRA expert among the run's (set by run_slots, which knows the pool)
+        self.ready: dict[str, torch.Tensor] = {}
+        self.writer: ShardWriter | None = None
+        self.tmp: Path | None = None
+        self.error: BaseException | None = None
+        self.failed_at = ""
+        self.seconds = 0.0
+
+    def open(self) -> None:
+        s = self.slot
+        s.staging.mkdir(parents=True, exist_ok=True)
+        self.tmp = s.staging / f".{s.job.filename}.{uuid.uuid4().hex[:8]}.tmp"
+        entries = [(t.name, t.out_dtype, t.shape) for t in s.job.tensors]
+        self.writer = ShardWriter(self.tmp, entries, metadata={"format": "pt"})
+
+    def fail(self, exc: BaseException, tensor: str) -> None:
+        self.error, self.failed_at = exc, tensor
+        self.ready.clear()
+        if self.writer is not None:
+            self.writer.abort()
+        elif self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+    def contexts(self, names: Sequence[str], memo: dict, namespace: tuple) -> list[MergeContext]:
+        view = _MemoView(memo, namespace)
+        return [MergeContext(tensor_name=n, seed=self.slot.seed, expert_ids=self.slot.expert_ids, memo=view,
+                             model_stats=self.slot.model_stats) for n in names]
+
+
+def _merge_one(run: _Run, task: TensorTask, inputs: SharedInputs, memo: dict) -> torch.Tensor:
+    spec = get_method(task.method)
+    base32 = inputs.base32(task.name)
+    lowrank = spec.accepts_lowrank
+    deltas = [inputs.delta(task.name, i, lowrank=lowrank) for i in run.slot.experts]
+    (mctx,) = run.contexts([task.name], memo, ("single", lowrank and run.lora))
+    out = spec.fn(base32, deltas, ctx=mctx, weights=list(run.slot.weights), **task.param_dict())
+    if tuple(out.shape) != task.shape:
+        raise ShardJobError(f"method '{task.method}' returned shape {list(out.shape)} for tensor '{task.name}' "
+                            f"of shape {list(task.shape)} (a bug in the method)")
+    return out
+
+
+def _merge_batch(run: _Run, tasks: list[TensorTask], inputs: SharedInputs, memo: dict) -> list[torch.Tensor]:
+    spec = get_method(tasks[0].method)
+    bases = [inputs.base32(t.name) for t in tasks]
+    per_task = [[inputs.delta(t.name, i, lowrank=False) for i in run.slot.experts] for t in tasks]
+    stacked = [torch.stack([d[j] for d in per_task]) for j in range(len(run.slot.experts))]
+    names = [t.name for t in tasks]
+    ctxs = run.contexts(names, memo, ("batch", tuple(names)))
+    out = spec.batched(torch.stack(bases), stacked, ctxs=ctxs, weights=list(run.slot.weights),
+                       **tasks[0].param_dict())
+    return list(out.unbind(0))
+
+
+def _output(run: _Run, task: TensorTask, inputs: SharedInputs, memo: dict) -> torch.Tensor:
+    if task.name in run.ready:
+        return run.ready.pop(task.name)
+    if task.action == "keep":
+        return cast(inputs.base_raw(task.name), task.out_dtype)
+    if task.name in run.batches:
+        members = run.batches[task.name]
+        results = _merge_batch(run, members, inputs, memo)
+        for member, res in zip(members[1:], results[1:]):
+            run.ready[member.name] = cast(res, member.out_dtype)
+        return cast(results[0], task.out_dtype)
+    return cast(_merge_one(run, task, inputs, memo), task.out_dtype)
+
+
+def _maybe_die(fault: str, tensor: str) -> None:
+    target, _, marker = fault.partition(":")
+    if target == tensor and marker and not os.path.exists(marker):
+        Path(marker).write_text(f"killed pid {os.getpid()} at {tensor}\n")
+        os._exit(17)  # real process death mid-shard, for the recovery tests
+
+
+def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[ResolvedSource], *,
+              device: str = "cpu", progress: ProgressFn | None = None, fault: str | None = None,
+              stats: dict[str, Any] | None = None) -> list[SlotOutcome]:
+    """Write every slot's shard in one pass over the tensors; one outcome per slot, in order.
+
+    All slots must list the same tensor names in the same order (the same shard layout). Errors of one slot
+    are caught and reported in its outcome; finished shards are renamed into place and recorded. ``stats``,
+    when given, receives ``bytes_read``, ``shared_seconds`` (reading, task vectors) and ``seconds``.
+    """
+    start = time.perf_counter()
+    if not slots:
+        return []
+    order = [t.name for t in slots[0].job.tensors]
+    for s in slots[1:]:
+        if [t.name for t in s.job.tensors] != order:
+            raise ShardJobError(f"run '{s.run_id}' has a different layout for shard '{s.job.filename}' than run "
+                                f"'{slots[0].run_id}'; only runs with the same shard layout share a job (a bug).")
+    runs = [_Run(s, device) for s in slots]
+    for run in runs:
+        run.lora = any(pool[i].kind != "model" for i in run.slot.experts)
+        try:
+            run.open()
+        except Exception as exc:  # noqa: BLE001 - reported per run
+            run.fail(exc, "")
+    inputs = SharedInputs(base, pool, device)
+    own = 0.0
+    try:
+        with torch.no_grad():
+            for name in order:
+                if fault:
+                    _maybe_die(fault, name)
+                memo: dict = {}
+                written = 0
+                for run in runs:
+                    if run.error is not None:
+                        continue
+                    t0 = time.perf_counter()
+                    shared0 = inputs.seconds
+                    try:
+                        task = run.tasks[name]
+                        out = _output(run, task, inputs, memo)
+                        run.writer.write(name, out)  # type: ignore[union-attr]
+                        written += task.out_bytes
+                    except Exception as exc:  # noqa: BLE001 - one run's failure loses no other
+                        log.warning("run %s: shard %s failed at tensor %s: %s", run.slot.run_id,
+                                    run.slot.job.filename, name, exc)
+                        run.fail(exc, name)
+                    mine = (time.perf_counter() - t0) - (inputs.seconds - shared0)  # reads are shared
+                    run.seconds += mine
+                    own += mine
+                inputs.release(name)
+                if progress and written:
+                    progress("tensor", written)
+    finally:
+        inputs.close()
+    # Shared time (reading, task vectors, bookkeeping) and bytes read are split evenly over the runs served,
+    # so a lone merge reports its whole time and reads, and a sweep's per-run figures add up to the job's.
+    total = time.perf_counter() - start
+    shared = max(0.0, total - own)
+    outcomes = [_finish(run, shared / len(runs), inputs.bytes_read // len(runs)) for run in runs]
+    if stats is not None:
+        stats.update(bytes_read=inputs.bytes_read, seconds=time.perf_counter() - start, shared_seconds=shared)
+    return outcomes
+
+
+def _finish(run: _Run, shared_seconds: float, shared_bytes: int) -> SlotOutcome:
+    s = run.slot
+    if run.error is None:
+        try:
+            size, sha = run.writer.close()  # type: ignore[union-attr]
+            os.replace(run.tmp, s.staging / s.job.filename)  # type: ignore[arg-type]
+            result = ShardResult(s.job.filename, size, sha, [t.name for t in s.job.tensors], shared_bytes,
+                                 run.seconds + shared_seconds, worker=f"pid{os.getpid()}", device=run.device)
+            write_record(s.staging, result)
+            return SlotOutcome(s.run_id, result=result)
+        except Exception as exc:  # noqa: BLE001 - reported per run
+            run.fail(exc, "")
+    return SlotOutcome(s.run_id, error=run.error, tensor=run.failed_at)
