@@ -60,19 +60,21 @@ def svd(delta: Delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return u, s, vh.transpose(-1, -2)
 
 
-def numerical_rank(s: torch.Tensor, shape: Sequence[int]) -> int:
-    """Count of singular values above ``σ_max · max(m, n) · eps(float32)`` (NumPy ``matrix_rank``'s rule).
+def numerical_rank(s: torch.Tensor, shape: Sequence[int], scale: float | torch.Tensor | None = None) -> int:
+    """Count of singular values above ``σ_ref · max(m, n) · eps(float32)`` (NumPy ``matrix_rank``'s rule).
 
-    Components below it are rounding noise: their singular vectors are arbitrary, so methods that
-    orthogonalise or flatten a spectrum drop them to stay deterministic (and equal for dense and
-    factored inputs).
+    ``σ_ref`` is the largest singular value, or ``scale`` when larger — pass the norm of the matrix a
+    residual came from (e.g. τ − UUᵀτ), so that a residual made only of rounding noise has rank 0
+    instead of being measured against its own noise. Components below the tolerance are rounding noise:
+    their singular vectors are arbitrary, so methods that orthogonalise or flatten a spectrum drop them
+    to stay deterministic (and equal for dense and factored inputs).
     """
     if s.numel() == 0:
         return 0
-    smax = float(s.max())
-    if smax == 0.0:
+    ref = max(float(s.max()), 0.0 if scale is None else float(scale))
+    if ref == 0.0:
         return 0
-    tol = smax * max(int(shape[-2]), int(shape[-1])) * torch.finfo(torch.float32).eps
+    tol = ref * max(int(shape[-2]), int(shape[-1])) * torch.finfo(torch.float32).eps
     return int((s > tol).sum())
 
 
@@ -85,9 +87,17 @@ def truncated(delta: Delta, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor of ``x`` (m×k): x = P Σ Qᵀ → P Qᵀ, the nearest matrix with
-    orthonormal columns (used by TSV-M and Iso-CTS to orthogonalise concatenated singular vectors)."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    orthonormal columns (used by TSV-M and Iso-CTS to orthogonalise concatenated singular vectors).
+
+    When ``x`` is rank-deficient (e.g. two experts share a singular vector) only the numerically
+    non-zero part is kept, P_r Q_rᵀ (a partial isometry): the rest of the polar factor would be an
+    arbitrary completion, different on every device. For full-rank ``x`` this is the usual P Qᵀ.
+    """
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    r = numerical_rank(s, x.shape)
+    if r == s.shape[-1]:
+        return p @ qh
+    return p[..., :r] @ qh[..., :r, :]
 
 
 def frobenius_sq(delta: Delta) -> torch.Tensor:

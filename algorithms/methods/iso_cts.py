@@ -11,7 +11,10 @@ Per 2-D m×n tensor with N experts and d = min(m, n):
    by their polar factors, replace every singular value by their mean σ̄:
    τ_m = σ̄·U⊥ V⊥ᵀ, θ = θ₀ + λ·τ_m.
 
-As in ``iso_c``, components with numerically zero singular values (arbitrary vectors) are left out,
+When the experts' task-specific directions are (nearly) parallel — e.g. low-rank experts whose summed
+rank only slightly exceeds k, so every residual lies in the same few directions — the orthogonalisation
+is ill-conditioned, here as in the official code; exactly parallel directions are merged by the
+partial-isometry polar factor (:func:`~omnimerge.algorithms.lowrank.polar`). As in ``iso_c``, components with numerically zero singular values (arbitrary vectors) are left out,
 which changes nothing for full-rank inputs and keeps LowRank and dense inputs equal. LowRank task
 vectors stay factored throughout (the projection acts on B). Non-2-D tensors use the fallback
 (``weight_average``, the official code's average). Recipe weights are not used.
@@ -24,7 +27,7 @@ from typing import Sequence
 import torch
 
 from ..base import Delta, LowRank, MergeContext
-from ..lowrank import combine, numerical_rank, polar, require_2d, svd
+from ..lowrank import combine, frobenius_sq, numerical_rank, polar, require_2d, svd
 from ..registry import in_range, register
 
 __all__ = ["iso_cts"]
@@ -63,7 +66,7 @@ def iso_cts(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
     us, ss, vs = [], [], []
     for delta in deltas:
         ut, st, vt = svd(_project_out(delta, u_c))
-        j = min(per_task, numerical_rank(st, (m, n)))
+        j = min(per_task, numerical_rank(st, (m, n), scale=frobenius_sq(delta).sqrt()))
         us.append(ut[:, :j])
         ss.append(st[:j])
         vs.append(vt[:, :j])
