@@ -24,7 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Ray cluster to join: 'auto' or 'ray://host:port' (default: start a local instance and stop "
                         "it afterwards)")
     p.add_argument("--workers", type=int, default=None,
-                   help="workers (local: threads, default 1; ray: actors, default one per GPU, else 2 CPU slots)")
+                   help="workers (local: threads, default 1; ray: actors, default one per GPU of the cluster, else "
+                        "one per CPU, as many as fit in memory)")
+    p.add_argument("--storage", choices=("shared", "none"), default="shared",
+                   help="ray only. shared (default): every node sees the sources and the output's parent directory "
+                        "(one machine, NFS/Lustre/...); workers read and write there. none: each node resolves the "
+                        "sources itself (hub ids into its own cache) and workers send shard bytes back through the "
+                        "object store for this process to write")
     p.add_argument("--device", default="auto", help="auto (cuda when a worker sees a GPU), cpu, cuda")
     p.add_argument("--overwrite", action="store_true", help="replace OUT once the new merge is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,7 +69,7 @@ def _merge(args: argparse.Namespace) -> int:
         from .ray_executor import RayExecutor, ray_session
 
         with ray_session(args.address) as info:
-            executor = RayExecutor(workers=args.workers, device=args.device, session=info)
+            executor = RayExecutor(workers=args.workers, device=args.device, session=info, storage=args.storage)
             report = run_merge(recipe, args.output, executor=executor, overwrite=args.overwrite,
                                device=args.device, progress=progress, fault=fault)
     print(report.summary(), file=sys.stderr)
