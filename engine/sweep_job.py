@@ -1,0 +1,170 @@
+"""Sweep jobs: "shard i of every run" that shares a shard layout, run through any executor.
+
+A :class:`SweepJob` carries one :class:`~omnimerge.engine.shard_runs.RunSlot` per run (the run's ShardJob,
+its experts as indices into the pool, its staging directory); a :class:`SweepContext` carries the base and
+the pool. Executors call ``execute_job(job, ctx)``, which calls ``ctx.run_job``: the job reads each input once
+and writes every run's shard (:func:`~omnimerge.engine.shard_runs.run_slots`). The result reports each run
+on its own — a run that failed loses only its shard.
+
+Memory of one job (:func:`estimate_job_bytes`, an estimate in the spirit of ``ShardJob.peak_bytes``)::
+
+    peak ≈ max over tensors t [ 4·numel_t·(1 + E_t)          shared float32 base + deltas of the E_t pool
+                                                             experts the runs merging t use (≤ pool size)
+                               + S_t ]                       memo: per-expert SVDs (≈ 4·(m+n)·min(m,n) each)
+                                                             when an SVD method runs, + one T per solver run
+         + max over runs of the run's own ShardJob.peak_bytes  one method's workspace at a time
+         + Σ over batched runs (batch inputs read ahead + outputs held for later members)
+
+so it grows with the pool (E_t), with the number of runs of SVD/solver methods (memo) and with the number
+of batched runs (wudi, optmerge) — not with the number of runs of element-wise methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .plan import ShardJob, _expert_bytes
+from .shard_runs import ProgressFn, RunSlot, ShardResult, plan_batches, run_slots
+from .sources import ResolvedSource
+
+__all__ = ["SweepJob", "SweepContext", "SweepJobResult", "RunOutcome", "run_sweep_job", "estimate_job_bytes",
+           "job_read_bytes"]
+
+log = logging.getLogger(__name__)
+
+_SVD_METHODS = frozenset({"tsv", "iso_c", "iso_cts", "optmerge"})
+_SOLVER_METHODS = frozenset({"wudi", "optmerge"})
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """Shard ``filename`` of every run in ``slots`` (all with the same layout). Picklable.
+
+    ``filename`` is unique within a sweep (``p<pass>/<shard file>``) so executors that key results by it work.
+    """
+
+    index: int
+    filename: str
+    shard: str  # the output shard's file name in each run
+    slots: tuple[RunSlot, ...]
+    read_bytes: int
+    write_bytes: int
+    peak_bytes: int
+    flops: float
+
+    @property
+    def job_id(self) -> str:
+        return self.filename
+
+    @property
+    def tensors(self) -> tuple:
+        return self.slots[0].job.tensors if self.slots else ()
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [s.run_id for s in self.slots]
+
+
+@dataclass
+class RunOutcome:
+    """One run's shard in a sweep job's result: its ShardResult, or why it was lost."""
+
+    run_id: str
+    result: ShardResult | None
+    error: str = ""
+    error_type: str = ""
+    tensor: str = ""
+
+
+@dataclass
+class SweepJobResult:
+    """What a sweep job reports back (small). ``size`` sums every run's shard; ``bytes_read`` is the job's."""
+
+    filename: str
+    outcomes: list[RunOutcome]
+    size: int
+    bytes_read: int
+    seconds: float
+    shared_seconds: float
+    worker: str = ""
+    device: str = "cpu"
+    skipped: bool = False
+
+
+@dataclass
+class SweepContext:
+    """What every sweep job needs besides itself: the base and the expert pool. Picklable."""
+
+    base: ResolvedSource
+    pool: list[ResolvedSource]
+    device: str = "cpu"
+    fault: str | None = None  # as JobContext.fault: "<tensor>:<marker file>" kills the process once
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def run_job(self, job: SweepJob, progress: ProgressFn | None = None) -> SweepJobResult:
+        """Called by executors (through ``execute_job``)."""
+        return run_sweep_job(job, self, progress)
+
+
+def run_sweep_job(job: SweepJob, ctx: SweepContext, progress: ProgressFn | None = None) -> SweepJobResult:
+    """Write shard ``job.shard`` of every run in the job, reading each input once. Never raises for a run's
+    failure: it is reported in that run's outcome."""
+    start = time.perf_counter()
+    stats: dict[str, Any] = {}
+    try:
+        outcomes = run_slots(job.slots, ctx.base, ctx.pool, device=ctx.device, progress=progress,
+                             fault=ctx.fault, stats=stats)
+        runs = [RunOutcome(o.run_id, o.result, "" if o.ok else str(o.error),
+                           "" if o.ok else type(o.error).__name__, o.tensor) for o in outcomes]
+    except Exception as exc:  # noqa: BLE001 - the whole job failed: every run in it loses this shard
+        log.warning("sweep job %s failed for all its runs: %s", job.filename, exc)
+        runs = [RunOutcome(s.run_id, None, str(exc), type(exc).__name__) for s in job.slots]
+    size = sum(o.result.size for o in runs if o.result is not None)
+    if progress:
+        progress("job", size)
+    return SweepJobResult(job.filename, runs, size, int(stats.get("bytes_read", 0)), time.perf_counter() - start,
+                          float(stats.get("shared_seconds", 0.0)), worker=f"pid{os.getpid()}", device=ctx.device)
+
+
+def job_read_bytes(jobs: Sequence[ShardJob], experts: Sequence[tuple[int, ...]], base: ResolvedSource,
+                   pool: Sequence[ResolvedSource]) -> int:
+    """Bytes one sweep job reads: every base tensor once, and each pool expert's input of a tensor once if
+    any run merges that tensor with that expert."""
+    total = 0
+    for k, task in enumerate(jobs[0].tensors):
+        total += base.index[task.name].nbytes
+        used = {i for j, e in zip(jobs, experts) if j.tensors[k].action == "merge" for i in e}
+        total += sum(_expert_bytes(pool[i], task.name) for i in used)
+    return total
+
+
+def estimate_job_bytes(jobs: Sequence[ShardJob], experts: Sequence[tuple[int, ...]],
+                       max_batch_bytes: int = 1 << 30) -> int:
+    """Estimated peak working memory of one sweep job over these runs' shards (see the module docstring)."""
+    if not jobs:
+        return 0
+    per_tensor = 0
+    for k, first in enumerate(jobs[0].tensors):
+        merging = [(j.tensors[k], e) for j, e in zip(jobs, experts) if j.tensors[k].action == "merge"]
+        used = {i for _, e in merging for i in e}
+        numel = first.numel
+        need = 4 * numel * (1 + len(used)) + first.numel * 4
+        svd = [t for t, _ in merging if t.method in _SVD_METHODS and len(t.shape) == 2]
+        if svd:
+            m, n = first.shape
+            need += len(used) * 4 * (m + n + 1) * min(m, n)
+        need += 4 * numel * sum(1 for t, _ in merging if t.method in _SOLVER_METHODS and len(t.shape) == 2)
+        per_tensor = max(per_tensor, need)
+    work = max(j.peak_bytes for j in jobs)
+    batched = 0
+    for j, e in zip(jobs, experts):
+        batches = plan_batches(j, len(e), max_batch_bytes)
+        if batches:
+            biggest = max(batches.values(), key=lambda ms: sum(t.numel for t in ms))
+            batched += min(max_batch_bytes, sum(t.numel * 4 * (len(e) + 1) for t in biggest))
+            batched += sum(t.out_bytes for t in biggest[1:])
+    return per_tensor + work + batched
