@@ -19,9 +19,11 @@ __all__ = ["main", "build_parser"]
 SUBCOMMAND_MODULES = (
     "omnimerge.cluster.cli_merge",
     "omnimerge.cluster.cli_sweep",
+    "omnimerge.cluster.cli_modality",
     "omnimerge.cluster.cli_eval",
     "omnimerge.cluster.cli_zoo",
     "omnimerge.cluster.cli_demo",
+    "omnimerge.cluster.cli_bench",
 )
 
 
