@@ -16,7 +16,7 @@ from typing import Any
 
 from omnimerge.algorithms.registry import get_method
 
-from .errors import PlanError, TensorMismatchError
+from .errors import PlanError, RecipeError, TensorMismatchError
 from .modality_keymap import KeyMap, keymap_for_architecture, known_architectures
 from .modality_recipe import ModalityModel, ModalityRecipe
 from .plan import layer_key, natural_key
@@ -221,7 +221,15 @@ def _llm_map(names: list[str], key_map: KeyMap, what: str, problems: list[str]) 
 def plan_modality(recipe: ModalityRecipe, base: ResolvedSource | None = None,
                   models: list[tuple[ModalityModel, ResolvedSource, ResolvedSource | None]] | None = None
                   ) -> ModalityPlan:
-    """Make the plan. Raises ``TensorMismatchError`` / ``PlanError`` listing every problem found."""
+    """Make the plan (headers and configs only).
+
+    Raises:
+        RecipeError: key maps that are missing (no built-in one for an architecture), not one-to-one, or match
+            nothing — every such problem at once.
+        TensorMismatchError: shared tensors the LLM base lacks, shapes that differ between models, models lacking
+            a merged tensor, non-float merges, LoRA factor-wise merges without matching pairs — every one at once.
+        PlanError: nothing is shared at all.
+    """
     if base is None or models is None:
         base, models = resolve_modality_sources(recipe)
     problems: list[str] = []
@@ -241,8 +249,8 @@ def plan_modality(recipe: ModalityRecipe, base: ResolvedSource | None = None,
             problems.append(f"model '{spec.name}' ('{source.spec.source}'): key map '{key_map.name}' matches none of "
                             "its tensors, so it shares no LLM; check the key map.")
         inputs.append(m)
-    if problems:
-        raise TensorMismatchError(_join(problems))
+    if problems:  # key maps are the recipe's to fix
+        raise RecipeError(problems, path=str(recipe.path) if recipe.path else None)
 
     shared = _plan_shared(recipe, base, base_llm, inputs, problems)
     if problems:

@@ -388,3 +388,69 @@ def test_lora_factor_wise_merge_computes_what_its_docstring_says(lora_zoo: Path,
     assert factor_targets == 6
     plan = plan_modality(recipe)
     assert sorted({t.action for t in plan.shared}) == ["factors", "merge"]
+
+
+# ---- command line and side-by-side evaluation ----------------------------------------------------------------------
+
+def _run_cli(argv: list[str]) -> int:
+    import argparse
+
+    from omnimerge.cluster.cli_modality import register
+
+    parser = argparse.ArgumentParser(prog="omnimerge")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_merges_then_evaluates_each_model_beside_its_source(zoo: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from test_evaluator_support import png_bytes
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(2):
+        (data / f"img{i}.png").write_bytes(png_bytes(i, (28, 28)))
+        rows.append({"question_id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the circle ?",
+                     "answers": ["red"]})
+    (data / "shapes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "omni.yaml"
+    recipe.write_text(f"kind: modality\nllm_base: {zoo / 'llama'}\nmethod: task_arithmetic\nparameters: {{scale: 0.5}}\n"
+                      f"models:\n  image: {zoo / 'llava_x'}\n  video: {{source: {zoo / 'vllava_x'}, key_map: video_llava}}\n")
+    assert _run_cli(["modality", str(recipe), "--dry-run"]) == 0
+    assert "model 'video': VideoLlavaForConditionalGeneration" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert _run_cli(["modality", str(recipe), "-o", str(out), "--eval-suite", str(data / "shapes.jsonl"),
+                     "--metric", "vqa_accuracy", "--executor", "local", "--batch-size", "2"]) == 0
+    import pyarrow.parquet as pq
+
+    for name in ("image", "video"):
+        table = pq.read_table(out / "eval" / name / "results.parquet").to_pylist()
+        assert sorted((r["model"], r["role"], r["task"], r["samples"]) for r in table) == [
+            (f"{name}-merged", "merged", "shapes", 2), (f"{name}-source", "expert", "shapes", 2)]
+        report = (out / "eval" / name / "report.md").read_text()
+        assert f"{name}-merged" in report and f"{name}-source" in report
+    assert _run_cli(["omni-assemble", str(out / "omni"), "video", "-o", str(tmp_path / "video")]) == 0
+    assert _files(tmp_path / "video") == _files(out / "models" / "video")
+
+
+def test_unknown_architecture_without_key_map_is_a_recipe_error(zoo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(zoo / "vllava_x", odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "architectures": ["OddForConditionalGeneration"]}))
+    with pytest.raises(RecipeError) as info:
+        plan_modality(_recipe(zoo, {"image": str(zoo / "llava_x"), "video": str(odd)}))
+    assert info.value.problems == [
+        f"model 'video' ('{odd}', architecture OddForConditionalGeneration) has no built-in key map; give key_map: "
+        "NAME or an inline {regex: replacement} map. Built-in maps cover LlamaForCausalLM, LlavaForConditionalGeneration, "
+        "LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration, MistralForCausalLM, "
+        "Qwen2AudioForConditionalGeneration, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration, "
+        "Qwen2_5_VLForConditionalGeneration, VideoLlavaForConditionalGeneration."]
+    # Naming the map (inline here) is enough.
+    inline = {"^language_model\\.model\\.": "model.", "^language_model\\.lm_head\\.": "lm_head."}
+    plan = plan_modality(_recipe(zoo, {"image": str(zoo / "llava_x"), "video": {"source": str(odd), "key_map": inline}}))
+    assert plan.models[1].key_map.name == "inline" and len(plan.models[1].llm) == 21
