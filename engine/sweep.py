@@ -152,18 +152,22 @@ def _make_passes(sp: SweepPlan, run_ids: list[str]) -> list[SweepPass]:
     for rid in run_ids:
         groups.setdefault(_layout(sp.plans[rid]), []).append(rid)
     chunks: list[list[str]] = []
+    over: list[str] = []
+    budget = sp.memory_budget
     for members in groups.values():
         current: list[str] = []
         for rid in members:
-            if current and sp.memory_budget is not None and _pass_cost(sp, current + [rid])[0] > sp.memory_budget:
+            if current and budget is not None and _pass_cost(sp, current + [rid])[0] > budget:
                 chunks.append(current)
                 current = []
             current.append(rid)
-            if len(current) == 1 and sp.memory_budget is not None and _pass_cost(sp, current)[0] > sp.memory_budget:
-                log.warning("run %s alone needs about %.2f GB per job, over the memory budget of %.2f GB; it gets "
-                            "a pass of its own", rid, _pass_cost(sp, current)[0] / 1e9, sp.memory_budget / 1e9)
+            if len(current) == 1 and budget is not None and _pass_cost(sp, current)[0] > budget:
+                over.append(rid)
         if current:
             chunks.append(current)
+    if over:
+        log.warning("%d run(s) need more than the memory budget of %.1f MB per job on their own (e.g. %s) and get "
+                    "passes of their own; raise the budget or lower shard_size", len(over), budget / 1e6, over[0])
     passes = []
     for i, chunk in enumerate(chunks):
         peak, read = _pass_cost(sp, chunk)
@@ -258,7 +262,7 @@ def run_sweep(spec: SweepSpec | SweepPlan, out_dir: str | Path, *, executor: Exe
     t_prep = time.perf_counter()
     todo = sum(s.plan.write_bytes - sum(r.size for r in s.results.values()) for s in states.values() if s.active)
     bar = _Progress(todo, progress is True, "sweep") if not callable(progress) else None
-    ctx = SweepContext(sp.base, sp.pool, dev, fault)
+    ctx = SweepContext(sp.base, sp.pool, device, fault)
     bytes_read = 0
     try:
         for p in sp.passes:

@@ -12,7 +12,7 @@ Memory of one job (:func:`estimate_job_bytes`, an estimate in the spirit of ``Sh
                                                              experts the runs merging t use (≤ pool size)
                                + S_t ]                       memo: per-expert SVDs (≈ 4·(m+n)·min(m,n) each)
                                                              when an SVD method runs, + one T per solver run
-         + max over runs of the run's own ShardJob.peak_bytes  one method's workspace at a time
+         + max over runs merging t of the method's workspace      one method at a time (plan's estimate)
          + Σ over batched runs (batch inputs read ahead + outputs held for later members)
 
 so it grows with the pool (E_t), with the number of runs of SVD/solver methods (memo) and with the number
@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .plan import ShardJob, _expert_bytes
+from .execute import choose_device
+from .plan import ShardJob, _expert_bytes, _task_cost
 from .shard_runs import ProgressFn, RunSlot, ShardResult, plan_batches, run_slots
 from .sources import ResolvedSource
 
@@ -101,7 +102,7 @@ class SweepContext:
 
     base: ResolvedSource
     pool: list[ResolvedSource]
-    device: str = "cpu"
+    device: str = "auto"  # resolved by each job where it runs
     fault: str | None = None  # as JobContext.fault: "<tensor>:<marker file>" kills the process once
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -115,8 +116,9 @@ def run_sweep_job(job: SweepJob, ctx: SweepContext, progress: ProgressFn | None 
     failure: it is reported in that run's outcome."""
     start = time.perf_counter()
     stats: dict[str, Any] = {}
+    device = choose_device(ctx.device)  # "auto" resolves where the job runs (a Ray worker may see a GPU)
     try:
-        outcomes = run_slots(job.slots, ctx.base, ctx.pool, device=ctx.device, progress=progress,
+        outcomes = run_slots(job.slots, ctx.base, ctx.pool, device=device, progress=progress,
                              fault=ctx.fault, stats=stats)
         runs = [RunOutcome(o.run_id, o.result, "" if o.ok else str(o.error),
                            "" if o.ok else type(o.error).__name__, o.tensor) for o in outcomes]
@@ -127,7 +129,7 @@ def run_sweep_job(job: SweepJob, ctx: SweepContext, progress: ProgressFn | None 
     if progress:
         progress("job", size)
     return SweepJobResult(job.filename, runs, size, int(stats.get("bytes_read", 0)), time.perf_counter() - start,
-                          float(stats.get("shared_seconds", 0.0)), worker=f"pid{os.getpid()}", device=ctx.device)
+                          float(stats.get("shared_seconds", 0.0)), worker=f"pid{os.getpid()}", device=device)
 
 
 def job_read_bytes(jobs: Sequence[ShardJob], experts: Sequence[tuple[int, ...]], base: ResolvedSource,
@@ -144,22 +146,29 @@ def job_read_bytes(jobs: Sequence[ShardJob], experts: Sequence[tuple[int, ...]],
 
 def estimate_job_bytes(jobs: Sequence[ShardJob], experts: Sequence[tuple[int, ...]],
                        max_batch_bytes: int = 1 << 30) -> int:
-    """Estimated peak working memory of one sweep job over these runs' shards (see the module docstring)."""
+    """Estimated peak working memory of one sweep job over these runs' shards (see the module docstring).
+
+    For one run without memo this is the plan's own ``ShardJob.peak_bytes``.
+    """
     if not jobs:
         return 0
-    per_tensor = 0
+    peak = 0
     for k, first in enumerate(jobs[0].tensors):
         merging = [(j.tensors[k], e) for j, e in zip(jobs, experts) if j.tensors[k].action == "merge"]
         used = {i for _, e in merging for i in e}
         numel = first.numel
-        need = 4 * numel * (1 + len(used)) + first.numel * 4
-        svd = [t for t, _ in merging if t.method in _SVD_METHODS and len(t.shape) == 2]
-        if svd:
+        if not merging:  # kept at base by every run: the stored tensor and its cast
+            peak = max(peak, _task_cost(first, 0)[0])
+            continue
+        shared = 4 * numel * (1 + len(used))
+        # one method's workspace at a time: the plan's per-tensor cost less the inputs counted as shared
+        work = max(_task_cost(t, len(e))[0] - 4 * numel * (len(e) + 1) for t, e in merging)
+        memo = 0
+        if any(t.method in _SVD_METHODS and len(t.shape) == 2 for t, _ in merging):
             m, n = first.shape
-            need += len(used) * 4 * (m + n + 1) * min(m, n)
-        need += 4 * numel * sum(1 for t, _ in merging if t.method in _SOLVER_METHODS and len(t.shape) == 2)
-        per_tensor = max(per_tensor, need)
-    work = max(j.peak_bytes for j in jobs)
+            memo += len(used) * 4 * (m + n + 1) * min(m, n)
+        memo += 4 * numel * sum(1 for t, _ in merging if t.method in _SOLVER_METHODS and len(t.shape) == 2)
+        peak = max(peak, shared + work + memo)
     batched = 0
     for j, e in zip(jobs, experts):
         batches = plan_batches(j, len(e), max_batch_bytes)
@@ -167,4 +176,4 @@ def estimate_job_bytes(jobs: Sequence[ShardJob], experts: Sequence[tuple[int, ..
             biggest = max(batches.values(), key=lambda ms: sum(t.numel for t in ms))
             batched += min(max_batch_bytes, sum(t.numel * 4 * (len(e) + 1) for t in biggest))
             batched += sum(t.out_bytes for t in biggest[1:])
-    return per_tensor + work + batched
+    return peak + batched
