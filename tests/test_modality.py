@@ -415,14 +415,17 @@ def test_cli_merges_then_evaluates_each_model_beside_its_source(zoo: Path, tmp_p
         rows.append({"question_id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the circle ?",
                      "answers": ["red"]})
     (data / "shapes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = data / "suite.yaml"  # short answers keep generation cheap
+    suite.write_text(f"name: tiny\ntasks:\n  - {{name: shapes, path: {data / 'shapes.jsonl'}, metric: vqa_accuracy, "
+                     f"max_new_tokens: 3}}\n")
     recipe = tmp_path / "omni.yaml"
     recipe.write_text(f"kind: modality\nllm_base: {zoo / 'llama'}\nmethod: task_arithmetic\nparameters: {{scale: 0.5}}\n"
                       f"models:\n  image: {zoo / 'llava_x'}\n  video: {{source: {zoo / 'vllava_x'}, key_map: video_llava}}\n")
     assert _run_cli(["modality", str(recipe), "--dry-run"]) == 0
     assert "model 'video': VideoLlavaForConditionalGeneration" in capsys.readouterr().out
     out = tmp_path / "out"
-    assert _run_cli(["modality", str(recipe), "-o", str(out), "--eval-suite", str(data / "shapes.jsonl"),
-                     "--metric", "vqa_accuracy", "--executor", "local", "--batch-size", "2"]) == 0
+    assert _run_cli(["modality", str(recipe), "-o", str(out), "--eval-suite", str(suite), "--executor",
+                     "local", "--batch-size", "2"]) == 0
     import pyarrow.parquet as pq
 
     for name in ("image", "video"):
