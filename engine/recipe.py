@@ -234,6 +234,9 @@ def parse_recipe(doc: Any, *, path: Path | None = None) -> Recipe:
     where = str(path) if path else None
     if not isinstance(doc, dict):
         raise RecipeError("the top level must be a mapping with 'base', 'experts' and 'method'.", path=where)
+    if doc.get("kind") == "modality":
+        raise RecipeError("this is a modality recipe (kind: modality); run it with `omnimerge modality RECIPE -o OUT`.",
+                          path=where)
     if "merge_method" in doc:
         from .mergekit_compat import translate_mergekit
 
