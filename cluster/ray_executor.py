@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 STORAGE_MODES = ("shared", "none")
 RUNTIME_BYTES = 512 * 1024**2  # Python + torch + Ray in one worker, on top of a job's own estimate
 _POLL_S = 1.0
+HOLD_ENV = "OMNIMERGE_HOLD"  # test hook, like OMNIMERGE_FAULT: "<shard file or *>:<hold file>" (see RayExecutor)
+_HOLD_MAX_S = 300.0
 _MAX_PING_FAILURES = 30  # consecutive failed pings (about one a second) before a worker counts as gone
 
 
@@ -150,10 +152,16 @@ def store_shard_bytes(staging: Path, result: ShardResult, data: Any) -> ShardRes
 class _ShardWorker:
     """One long-lived worker (a Ray actor): runs ShardJobs one at a time on its GPU, or on CPU."""
 
-    def __init__(self, slot: str, device: str, storage: str, scratch_root: str | None) -> None:
+    def __init__(self, slot: str, device: str, storage: str, scratch_root: str | None,
+                 hold: str | None = None, threads: int | None = None) -> None:
         import ray
+        import torch
 
         self.slot = slot
+        self.hold = hold
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self.storage = storage
         self.device = choose_device(device)  # cuda only where this process sees a GPU: else a clean CPU fallback
         rt = ray.get_runtime_context()
@@ -170,7 +178,7 @@ class _ShardWorker:
 
     def info(self) -> dict[str, Any]:
         return {"slot": self.slot, "node_id": self.node_id, "node_ip": self.node_ip, "pid": os.getpid(),
-                "device": self.device, "gpu_ids": self.gpu_ids,
+                "device": self.device, "gpu_ids": self.gpu_ids, "threads": self.threads,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "scratch": str(self.scratch) if self.scratch else None}
 
@@ -197,6 +205,8 @@ class _ShardWorker:
     def run(self, job: Any, box: list, key: str) -> tuple[Any, Any]:
         """Run one job; returns ``(result, shard bytes or None)``."""
         ctx = self._context(box, key)
+        if self.hold:
+            _hold(self.hold, getattr(job, "filename", ""), self.slot)
         try:
             result = self._run_on_device(job, ctx)
             payload = None
@@ -240,6 +250,18 @@ class _ShardWorker:
     def close(self) -> None:
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _hold(spec: str, shard: str, slot: str) -> None:
+    """Test hook: before running ``shard`` (or any shard, for ``*``), wait while the hold file exists, after
+    announcing ``<hold file>.<slot>.held``. Lets tests kill a driver or remove a node at a known point."""
+    target, _, file = spec.partition(":")
+    if target not in ("*", shard) or not file or not os.path.exists(file):
+        return
+    Path(f"{file}.{slot}.held").write_text(f"{shard} pid {os.getpid()}\n")
+    deadline = time.monotonic() + _HOLD_MAX_S
+    while os.path.exists(file) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _free_device_memory(device: str) -> None:
@@ -321,6 +343,12 @@ class RayExecutor:
         scratch_dir: ``storage="none"``: where workers make their private directories (default: the node's
             temp dir).
         worker_lost_timeout_s: how long to wait with no live worker before giving up.
+        threads: torch intra-op threads of each worker; default: this process's ``torch.get_num_threads()``.
+            Several CPU kernels (SVD, used by iso_c, tsv, iso_cts, optmerge) give different bits for different
+            thread counts, so the default keeps CPU workers bit-identical to a local run on this machine; fewer
+            threads oversubscribe less when many CPU workers share a node.
+        hold: test hook (default: env ``OMNIMERGE_HOLD``): ``"<shard file or *>:<hold file>"`` makes a worker
+            about to run that shard wait while the hold file exists (it announces ``<hold file>.<slot>.held``).
     """
 
     name = "ray"
@@ -328,7 +356,8 @@ class RayExecutor:
     def __init__(self, workers: int | None = None, device: str = "auto", session: RaySessionInfo | None = None,
                  storage: str = "shared", max_in_flight: int | None = None, *, max_inflight_bytes: int = 2 << 30,
                  max_job_attempts: int = 4, gpus: bool | None = None, scratch_dir: str | Path | None = None,
-                 worker_lost_timeout_s: float = 600.0) -> None:
+                 worker_lost_timeout_s: float = 600.0, hold: str | None = None,
+                 threads: int | None = None) -> None:
         if storage not in STORAGE_MODES:
             raise PlanError(f"storage {storage!r} is not one of {', '.join(STORAGE_MODES)}.")
         if workers is not None and workers < 1:
@@ -343,6 +372,8 @@ class RayExecutor:
         self.gpus = gpus
         self.scratch_dir = str(scratch_dir) if scratch_dir else None
         self.worker_lost_timeout_s = worker_lost_timeout_s
+        self.hold = hold if hold is not None else (os.environ.get(HOLD_ENV) or None)
+        self.threads = threads
         self._stats: dict[str, Any] = {}
 
     # -- public ----------------------------------------------------------------------------------------------
@@ -441,12 +472,16 @@ class _Dispatch:
     def _start_workers(self) -> None:
         import ray
 
+        import torch
+
         n, options = self._resources()
+        threads = self.ex.threads or torch.get_num_threads()
         remote = ray.remote(_ShardWorker).options(max_restarts=self.ex.max_job_attempts, max_task_retries=0,
                                                   scheduling_strategy="SPREAD", **options)
         for i in range(n):
             slot = f"w{i}"
-            actor = remote.remote(slot, self.ex.device, self.ex.storage, self.ex.scratch_dir)
+            actor = remote.remote(slot, self.ex.device, self.ex.storage, self.ex.scratch_dir, self.ex.hold,
+                                  threads)
             state = _WorkerState(slot, actor)
             self.workers.append(state)
             self._ping(i)
@@ -579,7 +614,8 @@ class _Dispatch:
         w = self.workers[call.worker]
         name = getattr(call.job, "filename", str(call.job))
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        w.deaths += 1
+        if w.ready:  # the first failed call of a death; calls queued behind it fail too
+            w.deaths += 1
         self.retried.setdefault(name, []).append(w.slot)
         if call.attempt >= self.ex.max_job_attempts:
             raise ShardJobError(
@@ -652,7 +688,7 @@ class _Dispatch:
             rate = w.bytes_written / w.busy_s / 1e6 if w.busy_s else 0.0
             workers[w.slot] = {
                 "node": w.info.get("node_ip"), "device": w.info.get("device"), "gpu_ids": w.info.get("gpu_ids"),
-                "scratch": w.info.get("scratch"), "jobs": w.jobs, "bytes_read": w.bytes_read,
+                "scratch": w.info.get("scratch"), "threads": w.info.get("threads"), "jobs": w.jobs, "bytes_read": w.bytes_read,
                 "bytes_written": w.bytes_written, "busy_s": round(w.busy_s, 3), "MB_per_s": round(rate, 2),
                 "worker_deaths": w.deaths}
         stats["workers"] = workers
