@@ -56,11 +56,6 @@ class Quadratic:
             out = torch.matmul(torch.matmul(T, self.W), self.W.transpose(-1, -2), out=out)
         return out.sub_(self.R).mul_(2.0)
 
-    def loss(self, T: torch.Tensor, constant: torch.Tensor | float = 0.0) -> torch.Tensor:
-        """L(T) up to the T-independent term Σ tr(Tᵢ Gᵢ Tᵢᵀ) (pass it as ``constant`` if needed)."""
-        TS = torch.matmul(T, self.S) if self.S is not None else (T @ self.W) @ self.W.transpose(-1, -2)  # type: ignore[operator]
-        return (T * TS).sum(dim=(-2, -1)) - 2.0 * (T * self.R).sum(dim=(-2, -1)) + constant
-
 
 def choose_form(m: int, n: int, r: int, steps: int) -> Form:
     """"factored" when steps·4mnr < 2n²r + steps·2mn² (the cost of building S and then stepping)."""

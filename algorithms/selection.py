@@ -21,13 +21,17 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .base import LowRank
-from .sparsify import keep_count
 
-__all__ = ["RadixSelect", "kth_largest_abs", "TiesThresholdPrepass"]
+__all__ = ["RadixSelect", "keep_count", "kth_largest_abs", "TiesThresholdPrepass"]
 
 logger = logging.getLogger(__name__)
 
 _BINS = 1 << 16
+
+
+def keep_count(density: float, numel: int) -> int:
+    """k = ⌊density·numel⌋, at least 1 and at most numel (TIES/mergekit: ``int(density * numel)``)."""
+    return max(1, min(numel, int(density * numel)))
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .selection import keep_count, kth_largest_abs
+
 __all__ = ["dare", "keep_count", "magnitude_threshold", "trim", "magnitude_outliers", "della_magprune"]
 
 
@@ -29,16 +31,11 @@ def dare(delta: torch.Tensor, p: float, generator: torch.Generator, *, rescale: 
     return kept / (1.0 - p) if rescale else kept
 
 
-def keep_count(density: float, numel: int) -> int:
-    """k = ⌊density·numel⌋, at least 1 (TIES/mergekit: ``int(density * numel)``)."""
-    return max(1, min(numel, int(density * numel)))
-
-
 def magnitude_threshold(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """The k-th largest |τ| (k = :func:`keep_count`) as a 0-d tensor — exact (``torch.kthvalue``)."""
-    flat = delta.reshape(-1).abs()
-    k = keep_count(density, flat.numel())
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
+    """The k-th largest |τ| (k = ⌊density·numel⌋, ≥ 1) as a 0-d tensor — exact: the radix select of
+    :mod:`~omnimerge.algorithms.selection` (equal to ``torch.kthvalue``, about 3× faster on CPU)."""
+    k = keep_count(density, delta.numel())
+    return torch.tensor(kth_largest_abs([delta], k), dtype=delta.dtype, device=delta.device)
 
 
 def trim(delta: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:

@@ -115,6 +115,18 @@ def test_radix_select_equals_kthvalue_on_the_concatenation(density: float) -> No
     assert kth_largest_abs(tensors, k) == expected
 
 
+def test_per_tensor_threshold_equals_kthvalue() -> None:
+    from omnimerge.algorithms.sparsify import magnitude_threshold
+
+    g = torch.Generator().manual_seed(9)
+    for shape in [(7,), (13, 11), (3, 4, 5)]:
+        x = torch.randn(shape, generator=g)
+        for density in (0.05, 0.2, 0.9, 1.0):
+            k = max(1, int(density * x.numel()))
+            expected = torch.kthvalue(x.reshape(-1).abs(), x.numel() - k + 1).values
+            assert torch.equal(magnitude_threshold(x, density), expected)
+
+
 # ---- DARE ------------------------------------------------------------------------------------------
 
 def test_dare_masks_come_from_the_seeded_generator() -> None:
