@@ -79,7 +79,8 @@ class MergeContext:
             computes an expert's SVD of this tensor once for every run that needs it.
         memo: a dict shared by every run of a ShardJob (``None`` → no sharing).
         model_stats: model-wide statistics from streaming pre-passes, e.g.
-            ``{"ties_threshold": {("expert-id", density): float}}``.
+            ``{"ties_threshold": {expert_id: float}}`` (``ties`` also accepts ``(expert_id, density)`` keys,
+            for a sweep that needs several densities at once).
     """
 
     tensor_name: str = ""

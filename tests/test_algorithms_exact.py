@@ -93,6 +93,14 @@ def test_ties_model_scope_uses_one_threshold_per_expert() -> None:
     close(run("ties", torch.zeros(3), [Y], density=0.6), T([0.0, 0.0, -3.0]))
 
 
+def test_ties_model_scope_finds_its_density_among_several_rules() -> None:
+    # the engine keys later rules by (expert id, params pairs) as well as by expert id
+    stats = {"ties_threshold": {"a": 9.0, ("a", (("density", 0.6), ("scope", "model"))): 2.0,
+                                ("a", (("density", 0.3), ("scope", "model"))): 9.0}}
+    ctx = MergeContext(tensor_name="Y", expert_ids=("a",), model_stats=stats)
+    close(run("ties", torch.zeros(3), [T([2.0, 0.5, -3])], ctx=ctx, density=0.6, scope="model"), T([2.0, 0.0, -3.0]))
+
+
 def test_ties_model_scope_without_stats_says_what_to_do() -> None:
     with pytest.raises(ValueError, match="pre-pass"):
         run("ties", torch.zeros(2), [T([1.0, 2.0])], scope="model")

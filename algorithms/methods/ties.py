@@ -39,6 +39,22 @@ def _prepass(params: Mapping[str, Any]) -> TiesThresholdPrepass | None:
     return TiesThresholdPrepass(float(params.get("density", 0.2)))
 
 
+def _lookup(stats: Mapping[Any, Any], eid: str, density: float) -> Any:
+    """The threshold of expert ``eid`` for ``density``: a ``(eid, density)`` key, a ``(eid, params)`` key
+    whose params pairs give this density (the engine's form with several TIES rules), else ``eid``."""
+    if (eid, density) in stats:
+        return stats[(eid, density)]
+    for key, value in stats.items():
+        if isinstance(key, tuple) and len(key) == 2 and key[0] == eid and isinstance(key[1], tuple):
+            try:
+                params = dict(key[1])
+            except (TypeError, ValueError):
+                continue
+            if float(params.get("density", 0.2)) == float(density):
+                return value
+    return stats.get(eid)
+
+
 def ties_thresholds(deltas: Sequence[torch.Tensor], *, ctx: MergeContext, density: float, scope: str) -> list[torch.Tensor]:
     """The trim threshold of each expert for this tensor (per tensor, or the model-wide pre-pass value)."""
     if scope == "tensor":
@@ -49,9 +65,7 @@ def ties_thresholds(deltas: Sequence[torch.Tensor], *, ctx: MergeContext, densit
     out = []
     for i, d in enumerate(deltas):
         eid = ctx.expert_id(i)
-        value = None
-        if stats is not None:
-            value = stats.get((eid, density), stats.get(eid))
+        value = None if stats is None else _lookup(stats, eid, density)
         if value is None:
             raise ValueError(
                 f"ties with scope 'model' needs the model-wide threshold of expert '{eid}' for tensor "
