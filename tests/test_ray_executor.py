@@ -156,8 +156,9 @@ class TestOnLocalRay:
         assert not (staging / job.filename).exists()
         assert not (staging / "omnimerge_manifest.json").exists()
 
-    def test_no_shared_storage_workers_return_bytes_coordinator_writes(  # dare_ties: random, seededself, zoo_dir: Path, ref_dir: Path,
+    def test_no_shared_storage_workers_return_bytes_coordinator_writes(self, zoo_dir: Path, ref_dir: Path,
                                                                        tmp_path: Path) -> None:
+        # dare_ties is random (seeded by the recipe seed and the tensor name): the same bits on every worker.
         scratch = tmp_path / "node-scratch"
         executor = RayExecutor(workers=2, storage="none", scratch_dir=scratch, max_inflight_bytes=100_000)
         report = run_merge(parse_recipe(_doc(zoo_dir, "dare_ties", {"p": 0.3, "density": 0.5})), tmp_path / "ray",
@@ -230,6 +231,15 @@ def test_node_lost_mid_run_its_shards_are_redone_elsewhere(zoo_dir: Path, ref_di
         cluster.shutdown()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is gone
+
+
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "omnimerge.cluster.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -267,9 +277,11 @@ def test_driver_killed_then_resumed_only_remaining_shards_computed(zoo_dir: Path
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    time.sleep(1.0)  # the local Ray instance the driver started goes down with it
-    with __import__("contextlib").suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # anything of that session still alive: gone
+    # The local Ray instance the driver started goes down with it; its worker (in a process group of its own)
+    # follows once its raylet is gone. Wait for that before releasing the hold, or it would carry on.
+    (held,) = _held(hold)
+    worker_pid = int(held.read_text().split("pid")[1])
+    _wait_for(lambda: not _alive(worker_pid), 60, f"the orphaned Ray worker {worker_pid} to exit")
     records = sorted(p.name for p in (staging / ".records").glob("*.json"))
     assert records == [f"{j.filename}.json" for j in jobs[:4]]
     assert not out.exists()
