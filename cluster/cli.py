@@ -23,7 +23,6 @@ SUBCOMMAND_MODULES = (
     "omnimerge.cluster.cli_eval",
     "omnimerge.cluster.cli_zoo",
     "omnimerge.cluster.cli_demo",
-    "omnimerge.cluster.cli_bench",
 )
 
 
