@@ -391,6 +391,10 @@ class RayExecutor:
                 return self.run(jobs, ctx, progress, on_result)
         if isinstance(ctx, JobContext):
             ctx = dataclasses.replace(ctx, staging=Path(ctx.staging).resolve())
+        if all(isinstance(j, ShardJob) for j in jobs):
+            from .cluster_plan import dispatch_order
+
+            jobs = dispatch_order(jobs)  # longest first, as `omnimerge plan --cluster` schedules them
         return _Dispatch(self, list(jobs), ctx, progress, on_result).run()
 
     def report_extra(self) -> dict[str, Any]:
