@@ -121,8 +121,19 @@ def _config_dtype(doc: dict[str, Any]) -> str:
     return "F32"
 
 
+_SHAPES_CACHE: dict[str, dict[str, tuple[tuple[int, ...], Any]]] = {}  # experts often share the base's config
+
+
 def _saved_shapes(cls: Any, config: Any, where: str) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """``{saved tensor name: (shape, torch dtype)}`` of ``cls(config)``, built on the meta device."""
+    """``{saved tensor name: (shape, torch dtype)}`` of ``cls(config)``, built on the meta device (memoised by
+    class and config contents)."""
+    key = hashlib.sha256(f"{cls.__module__}.{cls.__name__}\0{config.to_json_string()}".encode()).hexdigest()
+    if key not in _SHAPES_CACHE:
+        _SHAPES_CACHE[key] = _build_saved_shapes(cls, config, where)
+    return _SHAPES_CACHE[key]
+
+
+def _build_saved_shapes(cls: Any, config: Any, where: str) -> dict[str, tuple[tuple[int, ...], Any]]:
     import torch
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
