@@ -84,7 +84,10 @@ def _session_info(requested: str | None, started_here: bool) -> RaySessionInfo:
 
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    address = ray.get_runtime_context().gcs_address
+    try:
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - Ray Client sessions do not expose it
+        address = requested or "ray"
     return RaySessionInfo(address, requested, started_here, nodes, res.get("CPU", 0.0), res.get("GPU", 0.0))
 
 
