@@ -21,6 +21,7 @@ from typing import Any
 from .errors import OutputExistsError, PlanError, ResumeError
 from .execute import ShardResult, record_path
 from .plan import Plan
+from .version import omnimerge_version
 
 __all__ = ["Staging", "prepare_staging", "commit_output", "TAGALONG_FILES", "staging_dir_for", "omnimerge_version"]
 
@@ -34,15 +35,6 @@ TAGALONG_FILES = (
     "video_preprocessor_config.json", "image_processor_config.json",
 )
 MANIFEST = "omnimerge_manifest.json"
-
-
-def omnimerge_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("omnimerge")
-    except PackageNotFoundError:  # running from a source tree without install
-        return "0+unknown"
 
 
 def staging_dir_for(out_dir: Path) -> Path:

@@ -49,12 +49,9 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 def evaluator_version() -> str:
     """``<omnimerge version>/eval1``: the package version and the evaluation format's own version."""
-    from importlib.metadata import PackageNotFoundError, version
+    from omnimerge.engine.version import omnimerge_version
 
-    try:
-        return f"{version('omnimerge')}/eval1"
-    except PackageNotFoundError:
-        return "0+unknown/eval1"
+    return f"{omnimerge_version()}/eval1"
 
 
 @dataclass(frozen=True)
