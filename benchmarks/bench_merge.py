@@ -35,9 +35,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -61,7 +64,7 @@ class RunResult:
     command: list[str]
     returncode: int
     wall_s: float
-    cpu_s: float
+    cpu_s: float  # user+system of the whole tree: max(wait4's, summed samples of every process seen)
     peak_rss: int  # bytes: max(maxrss_wait4, peak_tree_rss)
     maxrss_wait4: int  # bytes: largest single process of the tree that was waited for (exact)
     peak_tree_rss: int  # bytes: largest sampled sum of RSS over the tree
@@ -103,6 +106,19 @@ def _rss(pid: int) -> int:
         return 0
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (its own, not its children's)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14 and 15 of stat
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _pss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -126,6 +142,7 @@ class _TreeSampler(threading.Thread):
         self.peak_rss = self.peak_pss = self.samples = 0
         self.max_procs = 1
         self.tracked: set[int] = {root}
+        self.cpu: dict[int, float] = {}  # last CPU time seen per process of the tree
 
     def run(self) -> None:
         tick = 0
@@ -143,6 +160,8 @@ class _TreeSampler(threading.Thread):
             self.tracked = set(alive) | {self.root}
             self.max_procs = max(self.max_procs, len(alive))
             self.peak_rss = max(self.peak_rss, sum(_rss(p) for p in alive))
+            for p in alive:
+                self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_seconds(p))
             if len(alive) > 1:
                 self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in alive))
             self.samples += 1
@@ -175,7 +194,8 @@ def measure_command(tool: str, repeat: int, command: Sequence[str], *, out_dir: 
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
     return RunResult(tool=tool, repeat=repeat, command=list(command), returncode=proc.returncode, wall_s=wall,
-                     cpu_s=usage.ru_utime + usage.ru_stime, peak_rss=max(maxrss, sampler.peak_rss),
+                     cpu_s=max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values())),
+                     peak_rss=max(maxrss, sampler.peak_rss),
                      maxrss_wait4=maxrss, peak_tree_rss=sampler.peak_rss, peak_tree_pss=sampler.peak_pss,
                      max_processes=sampler.max_procs, samples=sampler.samples, loadavg_before=load_before,
                      loadavg_after=_loadavg(), output_bytes=_dir_bytes(out_dir), error_tail=tail)
@@ -209,7 +229,7 @@ def write_recipes(work: Path, base: str, experts: Sequence[str], *, weight: floa
 
 
 # --------------------------------------------------------------------------------------------- agreement
-def _bf16_ulp(x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """Spacing of bf16 numbers at |x| (float32 in, float32 out): 2^(⌊log2|x|⌋ − 7)."""
     import torch
 
@@ -412,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                         "default 5GB = both tools' defaults")
     p.add_argument("--executors", default="local", help="omnimerge executors to time, comma-separated: local,ray")
     p.add_argument("--workers", type=int, default=None, help="omnimerge --workers (default: its own)")
+    p.add_argument("--omnimerge-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the omnimerge runs (repeatable), e.g. RAY_worker_niceness=0")
     p.add_argument("--mergekit-threads", type=int, default=None, help="mergekit --num-threads (default: torch's)")
     p.add_argument("--repeat", type=int, default=2, help="runs per tool (interleaved); best wall time is reported")
     p.add_argument("--poll", type=float, default=0.05, help="seconds between process-tree memory samples")
@@ -437,20 +459,27 @@ def main(argv: list[str] | None = None) -> int:
     omni_recipe, mk_config = write_recipes(work, info["base"], info["experts"], weight=args.weight,
                                            scale=args.scale, shard_size=shard_size)
 
-    tools: list[tuple[str, Path, list[str]]] = []
+    omni_env = dict(os.environ)
+    for item in args.omnimerge_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--omnimerge-env wants KEY=VALUE, got {item!r}")
+        omni_env[key] = value
+    tools: list[tuple[str, Path, list[str], dict[str, str] | None]] = []
     for executor in [e.strip() for e in args.executors.split(",") if e.strip()]:
         out = work / f"out-omnimerge-{executor}"
-        tools.append((f"omnimerge ({executor})", out, _omnimerge_command(executor, omni_recipe, out, args.workers)))
+        tools.append((f"omnimerge ({executor})", out, _omnimerge_command(executor, omni_recipe, out, args.workers),
+                      omni_env))
     if args.mergekit:
         out = work / "out-mergekit"
         tools.append(("mergekit", out, _mergekit_command(args.mergekit, mk_config, out, shard_size,
-                                                         args.mergekit_threads)))
+                                                         args.mergekit_threads), None))
 
     runs: list[RunResult] = []
     for rep in range(args.repeat):
-        for tool, out, cmd in tools:
-            log_path = work / f"{tool.split()[0]}-{out.name}-{rep}.log"
-            r = measure_command(tool, rep, cmd, out_dir=out, log_path=log_path, poll=args.poll)
+        for tool, out, cmd, env in tools:
+            log_path = work / f"{out.name}-{rep}.log"
+            r = measure_command(tool, rep, cmd, out_dir=out, log_path=log_path, poll=args.poll, env=env)
             runs.append(r)
             status = "ok" if r.returncode == 0 else f"FAILED rc={r.returncode} (log {log_path})"
             print(f"  [{rep + 1}/{args.repeat}] {tool:<18s} {r.wall_s:7.1f} s  cpu {r.cpu_s:6.1f} s  "
@@ -464,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         "set": {k: v for k, v in info.items() if k != "config"} | {"dir": str(set_dir), "layers": args.layers},
         "config": {"method": "task_arithmetic", "weight": args.weight, "scale": args.scale,
                    "shard_size": shard_size, "repeat": args.repeat, "executors": args.executors,
-                   "workers": args.workers},
-        "commands": {tool: cmd for tool, _, cmd in tools},
+                   "workers": args.workers, "omnimerge_env": args.omnimerge_env},
+        "commands": {tool: cmd for tool, _, cmd, _ in tools},
         "runs": [asdict(r) for r in runs],
         "summary": summary,
     }
@@ -487,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                                               info["experts"], weight=args.weight, scale=args.scale,
                                               tol_ulps=args.tol_ulps)
     if not args.keep_outputs:
-        for _, out, _ in tools:
+        for _, out, _, _ in tools:
             shutil.rmtree(out, ignore_errors=True)
 
     print()
