@@ -43,8 +43,11 @@ def _recipe(data: dict[str, Any], method: str, steps: int, shard_size: str) -> A
     from omnimerge.engine.recipe import parse_recipe
 
     params = {"steps": steps} if method == "optmerge" else {"scale": 0.5}
+    # OptMerge on the 151936×896 embedding took >13 GB here (OOM-killed on a 24 GB machine): keep it at base.
+    rules = [{"match": "model.embed_tokens.weight", "action": "keep"}] if method == "optmerge" else []
     return parse_recipe({"base": data["base"], "experts": {f"e{i}": p for i, p in enumerate(data["experts"])},
-                         "method": method, "parameters": params, "shard_size": shard_size, "seed": 0})
+                         "method": method, "parameters": params, "rules": rules, "shard_size": shard_size,
+                         "seed": 0})
 
 
 def _run(config: str, recipe: Any, out: Path, ray_threads: int | None) -> dict[str, Any]:
