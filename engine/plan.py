@@ -289,23 +289,29 @@ def _expert_bytes(expert: ResolvedSource, name: str) -> int:
 
 
 def _task_cost(task: TensorTask, n: int) -> tuple[int, float]:
-    """(peak working bytes, FLOPs) of one tensor's merge, float32."""
+    """(peak working bytes, FLOPs) of one tensor's merge, float32 (an estimate for plans and scheduling)."""
     if task.action == "keep":
         return task.numel * 4 + task.out_bytes, 0.0
     numel = task.numel
-    extra = 0
+    extra = 0  # float32 elements beyond base + N deltas + output
     flops = float(numel * n * 4)
     method = task.method or ""
     if method in ("wudi", "optmerge") and len(task.shape) == 2:
-        m, k = task.shape
-        steps = int(dict(task.params).get("steps") or 300)
-        extra = 3 * numel + 2 * k * k  # T, Adam moments; Gram S and R-side buffers
-        flops += n * 2.0 * m * k * k + steps * 2.0 * m * k * k
-    elif method in ("tsv", "iso_c", "iso_cts", "optmerge") and len(task.shape) == 2:
-        m, k = task.shape
-        extra = 3 * numel
-        flops += n * 4.0 * m * k * min(m, k)
-    return (n + 3 + extra // max(numel, 1)) * numel * 4 + task.out_bytes, flops
+        rows, cols = task.shape
+        params = dict(task.params)
+        steps = int(params.get("steps") or 300)
+        k = max(1, min(rows, cols) // max(n, 1)) if method == "optmerge" else min(rows, cols)
+        # Each step is one product with the Gram S (cols×cols) or the factored W (cols × N·k), whichever is
+        # cheaper (ALGORITHMS.md); the SVDs of optmerge's projectors come first.
+        per_step = min(2.0 * rows * cols * cols, 4.0 * rows * cols * n * k)
+        flops += steps * per_step + (n * 4.0 * rows * cols * min(rows, cols) if method == "optmerge" else 0.0)
+        # T, Adam moments, R; optmerge also holds each expert's truncated target and SVD factors.
+        extra = 4 * numel + 2 * cols * cols + (2 * n * numel if method == "optmerge" else 0)
+    elif method in ("tsv", "iso_c", "iso_cts") and len(task.shape) == 2:
+        rows, cols = task.shape
+        extra = (n + 3) * numel  # per-expert SVD factors, concatenations, orthogonalisation
+        flops += n * 4.0 * rows * cols * min(rows, cols)
+    return (n + 3) * numel * 4 + extra * 4 + task.out_bytes, flops
 
 
 def _pack_jobs(tasks: list[TensorTask], recipe: Recipe, n: int, base: ResolvedSource,
