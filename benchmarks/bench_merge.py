@@ -13,7 +13,8 @@ Measured per run: wall time of the whole process (start-up and imports included)
 and peak memory: ``peak_rss`` is the larger of the kernel's exact high-water mark of the largest single process
 (``wait4`` ru_maxrss) and the largest sum of RSS over the process tree sampled every ``--poll`` seconds
 (Ray starts a GCS, a raylet and workers; the tree sum counts them all, and ``peak_tree_pss`` splits the pages
-they share). File pages of mmap-read inputs count towards RSS, as the kernel counts them.
+they share). File pages of mmap-read inputs count towards RSS, as the kernel counts them. CPU time covers the
+whole tree too (Ray's workers are not reaped by the driver, so ``wait4`` alone would miss them).
 
 Afterwards the two outputs are compared tensor by tensor (and a sample against a float32 reference computed
 here from the inputs): mergekit computes in its ``dtype`` (bf16), omnimerge in float32, so they agree up to
@@ -147,7 +148,8 @@ class _TreeSampler(threading.Thread):
     def run(self) -> None:
         tick = 0
         while not self.stop_event.is_set():
-            if tick % 5 == 0:  # the tree walk reads every /proc/*/stat: do it every 5th sample only
+            slow = tick % 10 == 0  # tree walk (every /proc/*/stat) and PSS (smaps_rollup, takes the target's
+            if slow:               # mmap lock) only every 10th sample: cheap for the measured processes
                 kids = _children_map()
                 frontier = list(self.tracked)
                 while frontier:
@@ -160,10 +162,11 @@ class _TreeSampler(threading.Thread):
             self.tracked = set(alive) | {self.root}
             self.max_procs = max(self.max_procs, len(alive))
             self.peak_rss = max(self.peak_rss, sum(_rss(p) for p in alive))
-            for p in alive:
-                self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_seconds(p))
-            if len(alive) > 1:
-                self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in alive))
+            if slow:  # a process's CPU time after its last slow sample is missed (wait4 has the reaped ones)
+                for p in alive:
+                    self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_seconds(p))
+                if len(alive) > 1:
+                    self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in alive))
             self.samples += 1
             self.stop_event.wait(self.interval)
 
