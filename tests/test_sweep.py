@@ -130,13 +130,14 @@ def mixed_sweep(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
         {"method": "optmerge", "parameters": {"steps": 3}},
         {"method": "wudi", "grid": {"steps": [2, 3]}},
         "dare_ties"],
-        subsets=["all", ["e1", "lora"]],
+        subsets=[["e0", "e1", "lora"], ["e1", "lora"]],
         name_template="{method}-{index}-{subset}")
     out = tmp_path_factory.mktemp("mixed") / "sweep"
     report = run_sweep(parse_sweep(doc), out, executor=LocalExecutor(), progress=False)
     return out, report
 
 
+@pytest.mark.slow
 def test_every_run_of_a_sweep_equals_its_single_merge(mixed_sweep, tmp_path: Path) -> None:
     out, report = mixed_sweep
     assert not report.failed and len(report.rows) == 18
@@ -162,7 +163,8 @@ def test_ray_sweep_equals_the_local_sweep(mixed_sweep, zoo_dir: Path, tmp_path: 
     from omnimerge.cluster.ray_executor import RayExecutor
 
     local_out, local_report = mixed_sweep
-    keep = {"ties-1-all", "ties-2-all", "optmerge-5-all", "wudi-6-all", "dare_ties-8-all", "ties-11-e1+lora"}
+    keep = {"ties-1-e0+e1+lora", "ties-2-e0+e1+lora", "optmerge-5-e0+e1+lora", "wudi-6-e0+e1+lora",
+            "dare_ties-8-e0+e1+lora", "ties-11-e1+lora"}
     spec = local_report.plan.spec
     spec.runs = [r for r in spec.runs if r.run_id in keep]
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
@@ -173,6 +175,31 @@ def test_ray_sweep_equals_the_local_sweep(mixed_sweep, zoo_dir: Path, tmp_path: 
     assert report.executor == "ray" and not report.failed and len(report.rows) == len(keep)
     for run_id in keep:
         assert _files(tmp_path / "ray" / "runs" / run_id) == _files(local_out / "runs" / run_id), run_id
+
+
+def test_runs_share_per_expert_svds(zoo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three tsv runs (scales) over the same experts decompose each expert's tensor once, not three times."""
+    import omnimerge.algorithms.lowrank as lowrank
+
+    calls: list[tuple[int, ...]] = []
+    real_svd = lowrank.svd
+
+    def counting_svd(delta):
+        calls.append(tuple(delta.shape))
+        return real_svd(delta)
+
+    monkeypatch.setattr(lowrank, "svd", counting_svd)
+    experts = {"e0": str(zoo_dir / "qwen_e0"), "e1": str(zoo_dir / "qwen_e1")}
+    alone = run_sweep(parse_sweep(_doc(zoo_dir, experts=experts, methods=["tsv"])), tmp_path / "one",
+                      progress=False)
+    per_run = len(calls)
+    assert per_run > 0 and not alone.failed
+    calls.clear()
+    doc = _doc(zoo_dir, experts=experts, methods=[{"method": "tsv", "grid": {"scale": [0.5, 1.0, 2.0]}}])
+    report = run_sweep(parse_sweep(doc), tmp_path / "three", progress=False)
+    assert not report.failed and len(report.rows) == 3
+    assert len(calls) == per_run  # not 3 × per_run
+    assert _files(tmp_path / "three" / "runs" / "tsv-scale1-all") == _files(tmp_path / "one" / "runs" / "tsv-all")
 
 
 # ---- failure isolation, resume, passes -------------------------------------------------------------------
