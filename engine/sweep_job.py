@@ -120,6 +120,7 @@ def run_sweep_job(job: SweepJob, ctx: SweepContext, progress: ProgressFn | None 
     try:
         outcomes = run_slots(job.slots, ctx.base, ctx.pool, device=device, progress=progress,
                              fault=ctx.fault, stats=stats)
+        outcomes = _retry_out_of_memory_on_cpu(job, ctx, outcomes, device, stats)
         runs = [RunOutcome(o.run_id, o.result, "" if o.ok else str(o.error),
                            "" if o.ok else type(o.error).__name__, o.tensor) for o in outcomes]
     except Exception as exc:  # noqa: BLE001 - the whole job failed: every run in it loses this shard
@@ -130,6 +131,27 @@ def run_sweep_job(job: SweepJob, ctx: SweepContext, progress: ProgressFn | None 
         progress("job", size)
     return SweepJobResult(job.filename, runs, size, int(stats.get("bytes_read", 0)), time.perf_counter() - start,
                           float(stats.get("shared_seconds", 0.0)), worker=f"pid{os.getpid()}", device=device)
+
+
+def _retry_out_of_memory_on_cpu(job: SweepJob, ctx: SweepContext, outcomes: list, device: str,
+                                stats: dict[str, Any]) -> list:
+    """Runs whose shard ran out of GPU memory are redone on the CPU (as the Ray executor does for merges)."""
+    if not device.startswith("cuda"):
+        return outcomes
+    import torch
+
+    oom = [i for i, o in enumerate(outcomes) if isinstance(o.error, torch.cuda.OutOfMemoryError)]
+    if not oom:
+        return outcomes
+    log.warning("sweep job %s: %d run(s) ran out of GPU memory; redoing them on the CPU", job.filename, len(oom))
+    torch.cuda.empty_cache()
+    more: dict[str, Any] = {}
+    redone = run_slots([job.slots[i] for i in oom], ctx.base, ctx.pool, device="cpu", fault=ctx.fault, stats=more)
+    stats["bytes_read"] = stats.get("bytes_read", 0) + more.get("bytes_read", 0)
+    outcomes = list(outcomes)
+    for i, o in zip(oom, redone):
+        outcomes[i] = o
+    return outcomes
 
 
 def job_read_bytes(jobs: Sequence[ShardJob], experts: Sequence[tuple[int, ...]], base: ResolvedSource,
