@@ -87,8 +87,15 @@ def ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weig
     script); normalize true (paper's disjoint mean, mergekit's default for ties); λ = ``scale`` 1.0
     (paper searched {0.1, 0.3, 0.5, 0.7, 1.0, 1.5}).
     """
-    dense_deltas = [dense(d) for d in deltas]
-    thresholds = ties_thresholds(dense_deltas, ctx=ctx, density=density, scope=scope)
-    trimmed = [trim(d, t) for d, t in zip(dense_deltas, thresholds)]
-    merged = ties_merge(trimmed, as_sequence(weights, len(deltas)), normalize=normalize)
+    w = as_sequence(weights, len(deltas))
+
+    def direction() -> torch.Tensor:
+        dense_deltas = [dense(d) for d in deltas]
+        thresholds = ties_thresholds(dense_deltas, ctx=ctx, density=density, scope=scope)
+        trimmed = [trim(d, t) for d, t in zip(dense_deltas, thresholds)]
+        return ties_merge(trimmed, w, normalize=normalize)
+
+    # τ_m does not depend on λ: a sweep over scales computes it once (same operations, same bytes).
+    key = ("ties", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w), density, scope, normalize)
+    merged = ctx.remember(key, direction)
     return base + scale * merged
