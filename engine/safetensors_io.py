@@ -518,9 +518,12 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
 
 
 class TensorReader:
-    """Reads single tensors of an index lazily through mmap, each file opened once on first use.
+    """Reads single tensors of an index lazily, each file opened once on first use.
 
-    Construct it where it is used (e.g. inside a worker); it holds open files and is not picklable.
+    Tensors are read with ``pread`` into fresh memory (not mmap): the process holds only the tensors alive
+    at the moment — file pages stay in the OS page cache, not in this process's RSS, whatever the size of
+    the files it has read from. Construct it where it is used (e.g. inside a worker); it holds open files
+    and is not picklable.
     """
 
     def __init__(self, index: TensorIndex) -> None:
@@ -528,19 +531,23 @@ class TensorReader:
         self._handles: dict[Path, Any] = {}
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` in its stored dtype, on CPU.
-
-        The result may be backed by a private (copy-on-write) mapping of the file: its pages are read
-        when touched, and writing to it never changes the file. Only this tensor's bytes enter memory.
-        """
+        """The tensor ``name`` in its stored dtype, on CPU, in memory of its own (writable)."""
         info = self.index[name]
         handle = self._open(info.file)
         if self.index.pickle:
             return handle[name].clone()
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(out.numpy())
+        done = 0
         try:
-            return handle.get_tensor(name)
-        except Exception as e:  # safetensors raises its own SafetensorError
+            while done < info.nbytes:
+                got = os.preadv(handle, [view[done:]], info.start + done)
+                if got <= 0:
+                    raise SourceError(f"'{info.file}' ended inside tensor '{name}' (truncated after indexing?).")
+                done += got
+        except OSError as e:
             raise SourceError(f"Could not read tensor '{name}' from '{info.file}': {e}") from None
+        return out.view(DTYPES[info.dtype].torch).reshape(info.shape)
 
     def _open(self, file: Path) -> Any:
         h = self._handles.get(file)
@@ -548,19 +555,18 @@ class TensorReader:
             if self.index.pickle:
                 h = _load_pickle(file)
             else:
-                from safetensors import safe_open
-
                 try:
-                    h = safe_open(str(file), framework="pt", device="cpu")
+                    h = os.open(file, os.O_RDONLY)
                 except FileNotFoundError:
                     raise SourceNotFoundError(f"Weights file '{file}' disappeared after it was indexed.") from None
-                except Exception as e:
-                    raise SourceError(f"Could not open '{file}' as safetensors: {e}") from None
             self._handles[file] = h
         return h
 
     def close(self) -> None:
-        """Drop every open file (mmaps are released when their handles are collected)."""
+        """Close every open file."""
+        for h in self._handles.values():
+            if isinstance(h, int):
+                os.close(h)
         self._handles.clear()
 
     def __enter__(self) -> "TensorReader":
@@ -568,6 +574,12 @@ class TensorReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def __getstate__(self) -> None:
         raise TypeError("TensorReader holds open files; send its TensorIndex and build a reader in the worker.")
