@@ -56,6 +56,14 @@ def _cases(steps: int) -> dict[str, tuple[InterferenceSettings, Callable[[list[t
     }
 
 
+def _write(path: str, args: argparse.Namespace, rows: list[dict]) -> None:
+    meta = dict(torch=torch.__version__, threads=args.threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                load_average=os.getloadavg(), machine=platform.machine(), processor=platform.processor(),
+                device="cpu")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=5)
@@ -64,6 +72,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="best of this many runs of each path")
     parser.add_argument("--shapes", default=",".join(f"{m}x{n}" for m, n in SHAPES), help="e.g. 1024x1024,4096x1024")
     parser.add_argument("--methods", default="wudi,optmerge/full,optmerge/lora")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time both paths with 0 steps (SVDs, Grams) and project both to --project-steps")
+    parser.add_argument("--project-steps", type=int, default=300, help="the paper's step count")
     parser.add_argument("--out", default="bench_optimizers.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,14 +99,27 @@ def main() -> None:
             rel = float((out_fast - out_naive).norm() / out_naive.norm())
             row = dict(method=name, m=m, n=n, experts=args.experts, steps=args.steps, form=form,
                        naive_s=t_naive, fast_s=t_fast, speedup=t_naive / t_fast, rel_diff=rel)
+            line = (f"{name:15s} {f'{m}x{n}':>10s} {form:>8s} {t_naive:9.2f} {t_fast:8.2f} {t_naive / t_fast:7.1f}x "
+                    f"{rel:9.1e}")
+            if args.breakdown:
+                zero = InterferenceSettings(**{**settings.__dict__, "steps": 0})
+                fast_setup, _ = _time(lambda: solve_interference(deltas, ctxs=[MergeContext()], settings=zero,
+                                                                 tag=name, batched=False), args.repeat)
+                naive_setup, _ = _time(lambda: _cases(0)[name][1](deltas), args.repeat)
+                fast_step = max(t_fast - fast_setup, 0.0) / args.steps
+                naive_step = max(t_naive - naive_setup, 0.0) / args.steps
+                p = args.project_steps
+                projected = (naive_setup + p * naive_step) / (fast_setup + p * fast_step)
+                row.update(fast_setup_s=fast_setup, naive_setup_s=naive_setup, fast_step_s=fast_step,
+                           naive_step_s=naive_step, step_speedup=naive_step / max(fast_step, 1e-12),
+                           projected_steps=p, projected_speedup=projected)
+                line += (f" | setup {naive_setup:6.2f}/{fast_setup:6.2f} s, step {naive_step * 1e3:7.1f}/"
+                         f"{fast_step * 1e3:6.1f} ms ({naive_step / max(fast_step, 1e-12):5.1f}x), "
+                         f"at {p} steps {projected:5.1f}x")
             rows.append(row)
-            print(f"{name:15s} {f'{m}x{n}':>10s} {form:>8s} {t_naive:9.2f} {t_fast:8.2f} {t_naive / t_fast:7.1f}x "
-                  f"{rel:9.1e}", flush=True)
-    meta = dict(torch=torch.__version__, threads=args.threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-                load_average=os.getloadavg(), machine=platform.machine(),
-                processor=platform.processor(), device="cpu")
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            print(line, flush=True)
+            _write(args.out, args, rows)  # after every row: a long run that is cut off keeps what it measured
+    _write(args.out, args, rows)
     print(f"wrote {args.out}")
 
 
