@@ -80,6 +80,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     cases = _cases(args.steps)
+    # Warm-up: the first autograd backward and optimiser step of a process carry one-time costs.
+    tiny = [torch.randn(8, 6) for _ in range(2)]
+    for settings, naive in _cases(2).values():
+        naive(tiny)
+        solve_interference(tiny, ctxs=[MergeContext()], settings=settings, tag="warmup", batched=False)
     rows = []
     header = f"{'method':15s} {'shape':>10s} {'form':>8s} {'naive s':>9s} {'fast s':>8s} {'speedup':>8s} {'rel diff':>9s}"
     print(header)
