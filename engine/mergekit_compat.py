@@ -46,8 +46,9 @@ _PER_MODEL_SHARED = {"density", "epsilon", "gamma"}
 _CONVERT = {("dare_linear", "density"): lambda v: 1.0 - v, ("dare_ties", "density"): lambda v: 1.0 - v}
 # Parameters fixed by the mergekit method's definition.
 _FIXED = {
-    "dare_ties": {"density": 1.0},  # mergekit's dare_ties: DARE + sign consensus, no extra magnitude trim
-    "della_linear": {"consensus": False},
+    # mergekit's dare_ties: DARE + sign consensus, no extra magnitude trim, not normalised by default.
+    "dare_ties": {"density": 1.0, "normalize": False},
+    "della_linear": {"consensus": False, "normalize": False},
 }  # mergekit allows these per model; we need one value
 _TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
 _REFUSED = {
