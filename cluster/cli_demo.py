@@ -21,7 +21,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="tiny zoo → every paper method → evaluation → report (about 10 minutes on 2 CPUs)",
+    p = sub.add_parser("demo", help="tiny zoo → every paper method → evaluation → report",
                        description="Build the tiny expert zoo if missing, merge its five experts with every method "
                                    "of the paper in one sweep, evaluate base, experts and merges on the zoo's five "
                                    "tasks, print the paper-style table and write report.md / report.png.")
