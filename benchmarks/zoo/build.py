@@ -102,11 +102,15 @@ class _Zoo:
         self.path = root / MANIFEST
         manifest = json.loads(self.path.read_text()) if self.path.is_file() else None
         if manifest is not None and manifest.get("settings") != settings:
+            old = manifest.get("settings") or {}
+            if (old.get("size"), old.get("seed")) != (settings["size"], settings["seed"]):
+                what = f"size '{old.get('size')}', seed {old.get('seed')}"
+            else:
+                what = "a different recipe (schedules or model sizes changed since)"
             raise OutputExistsError(
-                f"Zoo directory '{root}' holds a zoo built with other settings "
-                f"(size '{manifest.get('settings', {}).get('size')}', seed {manifest.get('settings', {}).get('seed')}) "
-                f"than this build (size '{settings['size']}', seed {settings['seed']}). "
-                "Give another output directory (-o DIR), or delete that directory to rebuild it."
+                f"Zoo directory '{root}' holds a zoo built with {what}; this build is size '{settings['size']}', "
+                f"seed {settings['seed']}. Give another output directory (-o DIR), or delete that directory to "
+                "rebuild it."
             )
         self.manifest = manifest or {"format": FORMAT_VERSION, "settings": settings, "parts": {}, "scores": {}}
 

@@ -8,7 +8,7 @@ task          image                                        question → answer (
 vqa           1-4 coloured shapes on a 3×3 grid            colour / shape / count / yes-no (exact match)
 geometry      a regular polygon, or an angle between rays  sides or angle type, choice letter (multi choice)
 chart         a bar chart, bars A.. with values 1-9        a bar's value, tallest / shortest (relaxed acc.)
-ocr           a rendered number of three digits            the number (exact match)
+ocr           a rendered three-digit number                 the number (exact match)
 grounding     2-4 coloured shapes on a 3×3 grid            Qwen2-VL box ``(x1,y1),(x2,y2)`` on 0-1000 (Acc@0.5)
 ============  ===========================================  ==============================================
 
@@ -38,6 +38,7 @@ __all__ = [
     "Sample",
     "make_sample",
     "make_caption_sample",
+    "make_object_caption_sample",
     "user_text",
     "vocabulary_text",
     "box_to_qwen",
@@ -75,7 +76,7 @@ POSITIONS = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )
-POLYGONS = {3: "triangle", 4: "square", 5: "pentagon", 6: "hexagon"}
+POLYGONS = {3: "triangle", 4: "square", 6: "hexagon"}
 ANGLE_TYPES = ("acute", "right", "obtuse")
 BAR_LABELS = "ABCDE"
 INK = {"black": (20, 20, 20), "blue": (30, 50, 170), "red": (170, 30, 30)}
@@ -132,8 +133,23 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(path), size)
 
 
+@lru_cache(maxsize=1)
+def _background() -> Image.Image:
+    # A faint two-way gradient (red fades downwards, blue rightwards), like the uneven light of a photo.
+    # It is what lets a vision tower with only relative (RoPE) positions tell where in the image it looks:
+    # on a uniform background every patch of paper is the same and "top left" cannot be seen.
+    import numpy as np
+
+    ramp = np.linspace(0.0, 1.0, IMAGE_SIZE, dtype=np.float32)
+    pixels = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    pixels[..., 0] = 255 - 45 * ramp[:, None]
+    pixels[..., 1] = 250
+    pixels[..., 2] = 255 - 45 * ramp[None, :]
+    return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
+
+
 def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    image = _background().copy()
     return image, ImageDraw.Draw(image)
 
 
@@ -166,9 +182,9 @@ def _scene(rng: random.Random, low: int, high: int) -> tuple[Image.Image, list[d
     cells = sorted(rng.sample(range(9), len(pairs)))
     objects = []
     for (color, shape), cell in zip(pairs, cells):
-        cx = (cell % 3 + 0.5) * CELL + rng.uniform(-3, 3)
-        cy = (cell // 3 + 0.5) * CELL + rng.uniform(-3, 3)
-        box = _draw_shape(draw, shape, cx, cy, rng.uniform(24, 30), COLORS[color])
+        cx = (cell % 3 + 0.5) * CELL + rng.uniform(-2, 2)
+        cy = (cell // 3 + 0.5) * CELL + rng.uniform(-2, 2)
+        box = _draw_shape(draw, shape, cx, cy, rng.uniform(30, 35), COLORS[color])
         objects.append({"color": color, "shape": shape, "cell": cell, "box": box})
     return image, objects
 
@@ -183,7 +199,7 @@ def _scene_caption(objects: list[dict]) -> str:
 
 
 def _vqa(rng: random.Random) -> Sample:
-    image, objects = _scene(rng, 1, 4)
+    image, objects = _scene(rng, 1, 3)
     kind = rng.randrange(5)
     by_shape = {s: [o for o in objects if o["shape"] == s] for s in SHAPES}
     by_color = {c: [o for o in objects if o["color"] == c] for c in COLORS}
@@ -210,7 +226,7 @@ def _vqa(rng: random.Random) -> Sample:
 
 
 def _grounding(rng: random.Random) -> Sample:
-    image, objects = _scene(rng, 2, 4)
+    image, objects = _scene(rng, 2, 3)
     target = rng.choice(objects)
     expression = f"the {target['color']} {target['shape']}"
     box = [round(v, 1) for v in target["box"]]
@@ -230,21 +246,25 @@ def _geometry(rng: random.Random) -> Sample:
             (cx + radius * math.cos(turn + 2 * math.pi * k / sides), cy + radius * math.sin(turn + 2 * math.pi * k / sides))
             for k in range(sides)
         ]
-        draw.polygon(points, outline=ink, width=3)
+        draw.polygon(points, fill=ink)
         choices = [str(n) for n in sorted(POLYGONS)]
         question = "How many sides does the polygon have?"
         correct = sorted(POLYGONS).index(sides)
         caption = f"a {POLYGONS[sides]} drawn in {ink_name}."
     else:
         kind = rng.randrange(3)
-        degrees = (rng.uniform(25, 65), 90.0, rng.uniform(115, 155))[kind]
+        degrees = (rng.uniform(20, 50), 90.0, rng.uniform(130, 160))[kind]
         start = rng.uniform(0, 360)
         length = rng.uniform(36, 48)
         vx, vy = cx - 0.0, cy + 0.0
         for angle in (start, start + degrees):
             rad = math.radians(angle)
-            draw.line([(vx, vy), (vx + length * math.cos(rad), vy - length * math.sin(rad))], fill=ink, width=3)
+            draw.line([(vx, vy), (vx + length * math.cos(rad), vy - length * math.sin(rad))], fill=ink, width=6)
         draw.ellipse([vx - 3, vy - 3, vx + 3, vy + 3], fill=ink)
+        if kind == 1:  # the right-angle mark of geometry diagrams
+            mark = [(vx + 12 * math.cos(math.radians(a)), vy - 12 * math.sin(math.radians(a))) for a in (start, start + 45, start + 90)]
+            mark[1] = (vx + 17 * math.cos(math.radians(start + 45)), vy - 17 * math.sin(math.radians(start + 45)))
+            draw.line(mark, fill=ink, width=3)
         choices = list(ANGLE_TYPES)
         question = "What type of angle is shown?"
         correct = kind
@@ -285,14 +305,13 @@ def _chart(rng: random.Random) -> Sample:
 
 
 def _ocr(rng: random.Random) -> Sample:
+    # A three-digit label in a fixed place: glyph shapes are the slowest thing a vision tower learns from
+    # scratch (ZOO_NOTES.md); with position and size fixed, pre-training learns to read them partly.
     image, draw = _canvas()
     text = str(rng.randint(100, 999))
-    font = _font(rng.randint(26, 32))
     ink_name = rng.choice(list(INK))
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    x = rng.uniform(4 - x0, IMAGE_SIZE - 4 - x1)
-    y = rng.uniform(4 - y0, IMAGE_SIZE - 4 - y1)
-    draw.text((x, y), text, fill=INK[ink_name], font=font)
+    centre = (IMAGE_SIZE / 2 + rng.uniform(-2, 2), IMAGE_SIZE / 2 + rng.uniform(-2, 2))
+    draw.text(centre, text, fill=INK[ink_name], font=_font(36), anchor="mm")
     question = "What number is written in the image?"
     return Sample(image, question, text, [text], caption=f"the number {text} written in {ink_name}.")
 
@@ -318,6 +337,24 @@ def make_sample(task: str, stream: str, index: int, seed: int = 0) -> Sample:
     if task not in _RENDERERS:
         raise ValueError(f"Unknown zoo task {task!r}; the tasks are {', '.join(TASKS)}.")
     return _RENDERERS[task](_rng(seed, task, stream, index))
+
+
+def make_object_caption_sample(index: int, seed: int = 0) -> Sample:
+    """A pre-training warm-up item: one shape of any size (30-90 px) anywhere, captioned by colour and shape.
+
+    Small objects fill one or two of the 16 image tokens, and a model from scratch plateaus long before it
+    learns to look at them; large ones fill most tokens and are learnt within tens of steps, after which
+    the small ones follow (measured: colour accuracy on 28 px objects after 200 steps, 0.14 without these
+    items, 0.69 with them).
+    """
+    rng = _rng(seed, "objects", "pretrain", index)
+    image, draw = _canvas()
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    size = rng.uniform(30, 90)
+    cx, cy = rng.uniform(size / 2, IMAGE_SIZE - size / 2), rng.uniform(size / 2, IMAGE_SIZE - size / 2)
+    _draw_shape(draw, shape, cx, cy, size, COLORS[color])
+    caption = f"{_article(color)} {color} {shape}."
+    return Sample(image, CAPTION_PROMPT, caption, [caption], caption=caption)
 
 
 def make_caption_sample(task: str, index: int, seed: int = 0) -> Sample:

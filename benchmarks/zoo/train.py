@@ -24,8 +24,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from omnimerge.benchmarks.zoo.inputs import Conversation, build_inputs
-from omnimerge.benchmarks.zoo.tasks import TASKS, make_caption_sample, make_sample, user_text
+from omnimerge.benchmarks.zoo.inputs import Conversation, ZooInputs, build_inputs
+from omnimerge.benchmarks.zoo.tasks import TASKS, make_caption_sample, make_object_caption_sample, make_sample, user_text
 
 __all__ = [
     "Schedule",
@@ -34,12 +34,15 @@ __all__ = [
     "pretrain_batches",
     "task_batches",
     "train_steps",
+    "answer_loss",
     "lora_model",
     "train_only_merged_weights",
 ]
 
 logger = logging.getLogger(__name__)
 
+# Share of each task's images among pre-training captions: reading glyphs is learnt slowest, so OCR gets more.
+PRETRAIN_WEIGHTS = {"vqa": 1.0, "geometry": 1.0, "chart": 1.0, "ocr": 2.0, "grounding": 1.0}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -94,7 +97,8 @@ def fast_vision(model: Any) -> Iterator[Any]:
     map on flattened patches, and equal-length images need no per-image attention loop.
     """
     visual = model.model.visual
-    patched = [(visual.patch_embed, _linear_patch_embed)] + [(block.attn, _batched_vision_attention) for block in visual.blocks]
+    wanted = [(visual.patch_embed, _linear_patch_embed)] + [(block.attn, _batched_vision_attention) for block in visual.blocks]
+    patched = [(module, forward) for module, forward in wanted if "forward" not in vars(module)]  # re-entrant
     for module, forward in patched:
         module.forward = types.MethodType(forward, module)
     try:
@@ -108,16 +112,25 @@ def _as_conversation(task: str, sample: Any) -> Conversation:
     return Conversation(sample.image, user_text(task, sample.question), sample.answer)
 
 
-def pretrain_batches(seed: int, batch_size: int, qa_fraction: float) -> Iterator[list[Conversation]]:
-    """Endless pre-training batches: captions of all five kinds of image, ``qa_fraction`` task QA."""
+def pretrain_batches(
+    seed: int, batch_size: int, qa_fraction: float, object_fraction: float = 0.0
+) -> Iterator[list[Conversation]]:
+    """Endless pre-training batches: captions of all five kinds of image, ``qa_fraction`` task QA, and
+    ``object_fraction`` single-object warm-up captions (:func:`tasks.make_object_caption_sample`)."""
     rng = random.Random(f"omnimerge-zoo/{seed}/pretrain-mix")
     counters = {task: 0 for task in TASKS}
     qa_counters = {task: 0 for task in TASKS}
+    objects = 0
     while True:
         batch = []
         for _ in range(batch_size):
-            task = rng.choice(TASKS)
-            if rng.random() < qa_fraction:
+            task = rng.choices(TASKS, weights=[PRETRAIN_WEIGHTS[t] for t in TASKS])[0]
+            draw = rng.random()
+            if draw < object_fraction:
+                sample = make_object_caption_sample(objects, seed)
+                batch.append(Conversation(sample.image, sample.question, sample.answer))
+                objects += 1
+            elif draw < object_fraction + qa_fraction:
                 batch.append(_as_conversation(task, make_sample(task, "pretrain-qa", qa_counters[task], seed)))
                 qa_counters[task] += 1
             else:
@@ -133,6 +146,20 @@ def task_batches(task: str, seed: int, batch_size: int) -> Iterator[list[Convers
     while True:
         yield [_as_conversation(task, make_sample(task, "train", index + i, seed)) for i in range(batch_size)]
         index += batch_size
+
+
+def answer_loss(model: Any, batch: ZooInputs) -> Any:
+    """Mean next-token cross-entropy over the answer tokens, as ``model(..., labels=...).loss`` computes it.
+
+    Only the positions that predict an answer token go through ``lm_head`` (about a fifth of them), which
+    saves the rest of the head's forward and backward; the loss is the same.
+    """
+    import torch.nn.functional as F
+
+    hidden = model.model(**batch.model_kwargs).last_hidden_state[:, :-1]
+    labels = batch.labels[:, 1:]
+    scored = labels != -100
+    return F.cross_entropy(model.lm_head(hidden[scored]).float(), labels[scored])
 
 
 def train_steps(
@@ -171,7 +198,7 @@ def train_steps(
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(step)
             batch = build_inputs(tokenizer, next(batches))
-            loss = model(**batch.model_kwargs, labels=batch.labels).loss
+            loss = answer_loss(base_model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, schedule.clip)

@@ -1,0 +1,198 @@
+"""The tiny expert zoo: renderers, tokenizer, inputs, base checkpoint, build mechanics, and (slow) the reduced
+zoo built end to end with its benchmark properties: every expert beats the base on its own task, and a task
+arithmetic merge beats every single expert on the five-task average.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from omnimerge.benchmarks.zoo import build, inputs, modeling, score, tasks, train
+from omnimerge.engine.errors import OutputExistsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return modeling.build_tiny_base(tmp_path_factory.mktemp("zoo-base") / "base", seed=0)
+
+
+# ---- renderers -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_samples_are_a_pure_function_of_seed_stream_and_index(task: str) -> None:
+    first, again = tasks.make_sample(task, "test", 3), tasks.make_sample(task, "test", 3)
+    assert tasks.png_bytes(first.image) == tasks.png_bytes(again.image)
+    assert (first.question, first.answer, first.answers) == (again.question, again.answer, again.answers)
+    assert first.image.size == (tasks.IMAGE_SIZE, tasks.IMAGE_SIZE)
+    train_images = {tasks.png_bytes(tasks.make_sample(task, "train", i).image) for i in range(20)}
+    test_images = {tasks.png_bytes(tasks.make_sample(task, "test", i).image) for i in range(20)}
+    assert not train_images & test_images
+    other_seed = tasks.make_sample(task, "test", 3, seed=1)
+    assert tasks.png_bytes(other_seed.image) != tasks.png_bytes(first.image)
+
+
+def test_grounding_answer_is_the_bbox_in_qwen2vl_format() -> None:
+    sample = tasks.make_sample("grounding", "test", 0)
+    x, y, w, h = sample.bbox
+    assert sample.answer == tasks.box_to_qwen(sample.bbox, 112, 112)
+    assert sample.answer.startswith("<|box_start|>(") and sample.answer.endswith(")<|box_end|>")
+    # (x1,y1),(x2,y2) on 0-1000: the evaluator's parser reads back the pixel box.
+    from omnimerge.engine.evaluation.boxes import parse_box
+
+    parsed = parse_box(sample.answer, "qwen2vl", width=112, height=112)
+    assert parsed is not None
+    assert parsed.box == pytest.approx((x, y, x + w, y + h), abs=0.1)
+
+
+def test_geometry_answer_is_a_choice_and_the_target_its_letter() -> None:
+    for index in range(30):
+        sample = tasks.make_sample("geometry", "test", index)
+        assert sample.answers[0] in sample.choices
+        assert sample.answer == "ABCD"[sample.choices.index(sample.answers[0])]
+        assert f"({sample.answer}) {sample.answers[0]}" in sample.question
+
+
+def test_captions_name_what_the_questions_ask_about() -> None:
+    chart = tasks.make_sample("chart", "train", 5)
+    assert chart.caption.startswith("a bar chart with bar A at ")
+    ocr = tasks.make_sample("ocr", "train", 5)
+    assert f"the number {ocr.answer} written in" in ocr.caption
+
+
+# ---- tokenizer, inputs, base -------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_every_kind_of_text_without_unknown_tokens() -> None:
+    tokenizer = modeling.build_tokenizer()
+    for task in tasks.TASKS:
+        for index in range(40):
+            sample = tasks.make_sample(task, "train", index)
+            for text in (tasks.user_text(task, sample.question), sample.answer, sample.caption):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                assert tokenizer.unk_token_id not in ids, text
+                assert tokenizer.decode(ids) == text
+
+
+def test_pixel_values_equal_the_qwen2vl_image_processor() -> None:
+    processor = modeling.build_image_processor()
+    images = [tasks.make_sample(task, "test", i).image for i in range(2) for task in tasks.TASKS]
+    expected = processor(images=images, return_tensors="pt")
+    assert torch.equal(inputs.pixel_values(images), expected["pixel_values"])
+    assert expected["image_grid_thw"].tolist() == [[1, 8, 8]] * len(images)
+
+
+def test_base_checkpoint_loads_with_plain_transformers_and_is_deterministic(tiny_base: Path, tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    names = {p.name for p in tiny_base.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "preprocessor_config.json", "chat_template.jinja"} <= names  # fmt: skip
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    assert AutoImageProcessor.from_pretrained(tiny_base).size["longest_edge"] == 112 * 112
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    batch = inputs.build_inputs(tokenizer, [inputs.Conversation(tasks.make_sample("vqa", "test", 0).image, "Describe the image.")])
+    with torch.no_grad():
+        logits = model(**batch.model_kwargs).logits
+    assert logits.shape == (1, batch.model_kwargs["input_ids"].shape[1], len(tokenizer))
+    again = modeling.build_tiny_base(tmp_path / "again", seed=0)
+    assert (again / "model.safetensors").read_bytes() == (tiny_base / "model.safetensors").read_bytes()
+
+
+def test_fast_vision_matches_the_stock_forward_and_is_removed_afterwards(tiny_base: Path) -> None:
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    items = [score.test_items(task, 2)[1].conversation for task in tasks.TASKS]
+    batch = inputs.build_inputs(tokenizer, items)
+    with torch.no_grad():
+        stock = model(**batch.model_kwargs).logits
+        with train.fast_vision(model):
+            fast = model(**batch.model_kwargs).logits
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-4)
+    assert "forward" not in vars(model.model.visual.patch_embed)
+
+
+def test_training_is_deterministic(tiny_base: Path) -> None:
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    states = []
+    for _ in range(2):
+        model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_base)
+        train.train_only_merged_weights(model)
+        train.train_steps(model, tokenizer, train.task_batches("chart", 0, 4), train.Schedule(steps=3, lr=1e-3), seed=0)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_full_finetuning_moves_only_the_tensors_the_paper_merges(tiny_base: Path) -> None:
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train.train_only_merged_weights(model)
+    train.train_steps(model, tokenizer, train.task_batches("ocr", 0, 4), train.Schedule(steps=2, lr=1e-2), seed=0)
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(score.MERGED_TENSOR.match(k) for k in moved)
+    assert len(moved) == 7 * model.config.text_config.num_hidden_layers
+
+
+def test_merge_state_dicts_applies_the_method_to_llm_linear_weights_only(tiny_base: Path) -> None:
+    from safetensors.torch import load_file
+
+    base = load_file(tiny_base / "model.safetensors")
+    expert = {k: v + 1.0 for k, v in base.items()}
+    merged = score.merge_state_dicts(base, [expert, expert], "task_arithmetic", scale=0.25)
+    for name, value in merged.items():
+        shift = 0.5 if score.MERGED_TENSOR.match(name) else 0.0
+        torch.testing.assert_close(value, base[name] + shift)
+    assert any(score.MERGED_TENSOR.match(k) for k in merged)
+
+
+# ---- suite, build mechanics, CLI ----------------------------------------------------------------------------
+
+
+def test_zoo_suite_matches_the_training_prompts_and_loads() -> None:
+    from omnimerge.engine.evaluation.suites import load_suite
+
+    raw = yaml.safe_load((REPO / "benchmarks" / "suites" / "zoo.yaml").read_text())
+    assert {t["name"]: t["prompt"] for t in raw["tasks"]} == tasks.PROMPTS
+    suite = load_suite("zoo")
+    assert [t.capability for t in suite.tasks] == [tasks.CAPABILITIES[t] for t in tasks.TASKS]
+    assert suite.task("grounding").box_format == "qwen2vl"
+
+
+def test_build_refuses_a_directory_holding_another_zoo(tmp_path: Path) -> None:
+    (tmp_path / "zoo.json").write_text(json.dumps({"settings": {"size": "full", "seed": 3}, "parts": {}, "scores": {}}))
+    with pytest.raises(OutputExistsError) as info:
+        build.build_zoo(tmp_path, size="test", seed=0)
+    assert str(info.value) == (
+        f"Zoo directory '{tmp_path}' holds a zoo built with size 'full', seed 3; this build is size 'test', seed 0. "
+        "Give another output directory (-o DIR), or delete that directory to rebuild it."
+    )
+
+
+def test_build_rejects_unknown_family_and_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Unknown zoo family 'qlora'; choose one of full, lora, both."):
+        build.build_zoo(tmp_path, family="qlora")
+    with pytest.raises(ValueError, match="Unknown zoo size 'huge'; choose one of full, test."):
+        build.build_zoo(tmp_path, size="huge")
+
+
+def test_cli_offers_zoo_build() -> None:
+    from omnimerge.cluster.cli import build_parser
+
+    args = build_parser().parse_args(["zoo", "build", "--family", "lora", "-o", "/tmp/z", "--size", "test"])
+    assert (args.family, args.output, args.size, args.seed) == ("lora", "/tmp/z", "test", 0)
