@@ -61,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OmnimergeError as exc:
         print(f"omnimerge: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("omnimerge: interrupted; staging kept, rerun the same command to resume.", file=sys.stderr)
         return 130
