@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from omnimerge.algorithms.registry import get_method, method_names, validate_params
 
@@ -143,13 +142,9 @@ def is_modality_recipe(doc: Any) -> bool:
 
 def load_modality_recipe(path: str | Path) -> ModalityRecipe:
     """Read and validate a modality recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"file not found: {path}. Give the path of a modality recipe (YAML).", path=str(path))
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {exc}", path=str(path)) from None
+    from .recipe import read_yaml_document
+
+    doc, path = read_yaml_document(path, "a modality recipe (YAML)")
     return parse_modality_recipe(doc, path=path)
 
 

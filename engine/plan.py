@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -17,7 +18,7 @@ from typing import Any, Iterable
 from omnimerge.algorithms.registry import get_method
 
 from .errors import PlanError, TensorMismatchError
-from .recipe import Recipe, Rule
+from .recipe import Recipe
 from .safetensors_io import DTYPES, SUPPORTED_FLOAT
 from .sources import ResolvedSource, resolve_source
 
@@ -43,10 +44,7 @@ class TensorTask:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def out_bytes(self) -> int:

@@ -43,7 +43,7 @@ from .errors import RecipeError
 from .sources import SourceSpec
 
 __all__ = ["ExpertSpec", "Rule", "Recipe", "load_recipe", "parse_recipe", "parse_size", "load_preset",
-           "preset_names", "DTYPE_NAMES"]
+           "preset_names", "DTYPE_NAMES", "read_yaml_document"]
 
 # Output dtype names accepted in recipes -> safetensors dtype strings.
 DTYPE_NAMES = {
@@ -217,15 +217,20 @@ def load_preset(name: str) -> tuple[list[Rule], dict[str, Any]]:
 
 # ---- parsing -----------------------------------------------------------------------------------------
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file (omnimerge or mergekit format)."""
+def read_yaml_document(path: str | Path, what: str) -> tuple[Any, Path]:
+    """The parsed YAML of a recipe-like file; ``RecipeError`` naming the file when missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"file not found: {path}. Give the path of a YAML recipe.", path=str(path))
+        raise RecipeError(f"file not found: {path}. Give the path of {what}.", path=str(path))
     try:
-        doc = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text()), path
     except yaml.YAMLError as exc:
         raise RecipeError(f"not valid YAML: {exc}", path=str(path)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file (omnimerge or mergekit format)."""
+    doc, path = read_yaml_document(path, "a YAML recipe")
     return parse_recipe(doc, path=path)
 
 

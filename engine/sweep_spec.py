@@ -37,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from omnimerge.algorithms.registry import method_names, validate_params
 
 from .errors import RecipeError
-from .recipe import Recipe, parse_recipe, parse_size
+from .recipe import Recipe, parse_recipe, parse_size, read_yaml_document
 
 __all__ = ["SweepRun", "SweepSpec", "load_sweep", "parse_sweep", "expand_subsets", "recipe_document",
            "SUBSET_KINDS"]
@@ -110,13 +109,7 @@ class SweepSpec:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file; relative sources are taken relative to its folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"file not found: {path}. Give the path of a sweep YAML.", path=str(path))
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {exc}", path=str(path)) from None
+    doc, path = read_yaml_document(path, "a sweep YAML")
     return parse_sweep(doc, path=path)
 
 
