@@ -1,9 +1,12 @@
 """Staging and commit: output appears only when complete.
 
 Shards are written into ``<out>.omnimerge-staging/`` (beside the output, same filesystem) with one record per
-finished shard (size + sha256). ``commit_output`` verifies coverage, writes the index, config, every tagalong
-file the model needs, a model card and a manifest, then renames the staging directory into place. A rerun of
-the same recipe on the same inputs resumes from verified shards; a changed recipe or input is refused.
+finished shard (size, sha256 and the digest of the plan it was computed for). ``commit_output`` verifies
+coverage and that every shard's record is this plan's and matches what the run reported, writes the index,
+config, every tagalong file the model needs, a model card and a manifest, then renames the staging directory
+into place. A rerun of the same recipe on the same inputs resumes from verified shards of the same plan; a
+changed recipe or input is refused, and a record of another plan (a worker orphaned by a killed driver that
+finished after the staging was recreated) is never accepted (see :mod:`omnimerge.engine.staging_claim`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from .errors import OutputExistsError, PlanError, ResumeError
 from .execute import ShardResult, record_path
 from .plan import Plan
+from .staging_claim import STAGING_STATE
 from .version import omnimerge_version
 
 __all__ = ["Staging", "prepare_staging", "commit_output", "TAGALONG_FILES", "staging_dir_for", "omnimerge_version"]
@@ -57,13 +61,13 @@ def prepare_staging(plan: Plan, out_dir: Path, *, overwrite: bool = False) -> St
             f"it once the new merge is complete.")
     staging = staging_dir_for(out_dir)
     digest = plan.digest()
-    state_file = staging / "staging.json"
+    state_file = staging / STAGING_STATE
     done: dict[str, ShardResult] = {}
     if state_file.is_file():
         state = json.loads(state_file.read_text())
         if state.get("plan_digest") != digest:
             raise ResumeError(_mismatch_message(state, plan, staging))
-        done = _verified_records(staging, plan)
+        done = _verified_records(staging, plan, digest)
         log.info("resuming in %s: %d of %d shards already verified", staging, len(done), len(plan.jobs))
     else:
         if staging.exists():
@@ -96,16 +100,23 @@ def _mismatch_message(state: dict[str, Any], plan: Plan, staging: Path) -> str:
             f"different merges. Delete '{staging}' to start over, or restore the original recipe and inputs.")
 
 
-def _verified_records(staging: Path, plan: Plan) -> dict[str, ShardResult]:
+def _read_record(staging: Path, filename: str) -> ShardResult | None:
+    try:
+        return ShardResult(**json.loads(record_path(staging, filename).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _verified_records(staging: Path, plan: Plan, digest: str) -> dict[str, ShardResult]:
     done: dict[str, ShardResult] = {}
     for job in plan.jobs:
-        rec = record_path(staging, job.filename)
         shard = staging / job.filename
-        if not (rec.is_file() and shard.is_file()):
+        result = _read_record(staging, job.filename) if shard.is_file() else None
+        if result is None:
             continue
-        try:
-            result = ShardResult(**json.loads(rec.read_text()))
-        except (ValueError, TypeError):
+        if result.plan_digest != digest:
+            log.warning("shard %s in staging was recorded for plan %s, not this one (%s); it will be redone",
+                        job.filename, result.plan_digest[:12] or "(none)", digest[:12])
             continue
         if shard.stat().st_size != result.size or _sha256(shard) != result.sha256:
             log.warning("shard %s in staging does not match its record; it will be redone", job.filename)
@@ -142,6 +153,7 @@ def commit_output(plan: Plan, staging: Staging, results: dict[str, ShardResult],
                             f"{len(expected)}; refusing to commit an incomplete model.")
         for name in written:
             weight_map[name] = job.filename
+    _check_records(plan, staging, results)
     planned = {t.name for t in plan.tensors} | {n for n, _ in plan.dropped}
     unaccounted = sorted(set(plan.base.index.names()) - planned)
     if unaccounted:
@@ -163,7 +175,7 @@ def commit_output(plan: Plan, staging: Staging, results: dict[str, ShardResult],
     (sdir / "README.md").write_text(_model_card(plan, manifest))
     # Staging bookkeeping goes; then the directory becomes the output in one rename.
     shutil.rmtree(sdir / ".records", ignore_errors=True)
-    (sdir / "staging.json").unlink(missing_ok=True)
+    (sdir / STAGING_STATE).unlink(missing_ok=True)
     for leftover in sdir.glob(".*.tmp"):
         leftover.unlink()
     old = None
@@ -177,6 +189,30 @@ def commit_output(plan: Plan, staging: Staging, results: dict[str, ShardResult],
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _check_records(plan: Plan, staging: Staging, results: dict[str, ShardResult]) -> None:
+    """Every shard file in staging must have a record of this plan that matches what the run reported.
+
+    Catches a shard (and its record) that a stale writer of another plan put there after this run wrote its
+    own; a full re-hash is left to resume, which does it before trusting a shard.
+    """
+    bad = []
+    for job in plan.jobs:
+        mine = results[job.filename]
+        shard = staging.path / job.filename
+        rec = _read_record(staging.path, job.filename)
+        if rec is None or not shard.is_file():
+            bad.append(f"'{job.filename}': no shard file or no record")
+        elif rec.plan_digest != staging.plan_digest:
+            bad.append(f"'{job.filename}': recorded for plan {rec.plan_digest[:12] or '(none)'}…")
+        elif (rec.sha256, rec.size) != (mine.sha256, mine.size) or shard.stat().st_size != mine.size:
+            bad.append(f"'{job.filename}': staging holds other bytes than this run computed")
+    if bad:
+        raise ResumeError(
+            f"Cannot commit '{staging.path}' (plan {staging.plan_digest[:12]}…): {'; '.join(bad)}. Another run "
+            "(e.g. a worker outliving a killed driver) wrote into this staging. Nothing was committed; rerun the "
+            "same command: it verifies every shard against its record and redoes the others.")
 
 
 def _write_json(path: Path, doc: Any) -> None:

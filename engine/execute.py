@@ -22,7 +22,7 @@ import torch
 
 from omnimerge.algorithms.registry import get_method
 
-from .errors import NonFiniteError, ShardJobError
+from .errors import NonFiniteError, ResumeError, ShardJobError
 from .plan import Plan, ShardJob
 from .shard_runs import ProgressFn, RunSlot, SharedInputs, ShardResult, record_path, run_slots
 from .sources import ResolvedSource
@@ -49,6 +49,7 @@ class JobContext:
     # Fault injection for recovery tests: "<tensor>:<marker file>" makes the process that reaches <tensor>
     # die (os._exit) if the marker does not exist yet, creating it first — so exactly one attempt dies.
     fault: str | None = None
+    plan_digest: str = ""  # the plan this context computes for; shards land only in a staging claiming it
 
     @property
     def expert_ids(self) -> tuple[str, ...]:
@@ -73,11 +74,12 @@ def run_shard_job(job: ShardJob, ctx: JobContext, progress: ProgressFn | None = 
     """
     slot = RunSlot(run_id=ctx.recipe_label, job=job, experts=tuple(range(len(ctx.experts))),
                    weights=tuple(ctx.weights), expert_ids=ctx.expert_ids, seed=ctx.seed, staging=ctx.staging,
-                   label=ctx.recipe_label, model_stats=ctx.model_stats, max_batch_bytes=ctx.max_batch_bytes)
+                   label=ctx.recipe_label, model_stats=ctx.model_stats, max_batch_bytes=ctx.max_batch_bytes,
+                   plan_digest=ctx.plan_digest)
     (outcome,) = run_slots([slot], ctx.base, ctx.experts, device=ctx.device, progress=progress, fault=ctx.fault)
     if outcome.result is None:
         exc = outcome.error
-        if isinstance(exc, (NonFiniteError, ShardJobError)):
+        if isinstance(exc, (NonFiniteError, ResumeError, ShardJobError)):
             raise exc
         raise ShardJobError(
             f"Shard '{job.filename}' failed at tensor '{outcome.tensor}' (recipe {ctx.recipe_label}): "

@@ -75,7 +75,8 @@ def make_job_context(plan: Plan, staging: Path, device: str = "auto", fault: str
     recipe = plan.recipe
     label = str(recipe.path) if recipe.path else (recipe.name or f"recipe {recipe.digest()[:12]}")
     return JobContext(base=plan.base, experts=plan.experts, weights=recipe.weights, seed=recipe.seed,
-                      staging=staging, recipe_label=label, device=choose_device(device), fault=fault)
+                      staging=staging, recipe_label=label, device=choose_device(device), fault=fault,
+                      plan_digest=plan.digest())
 
 
 class _Progress:

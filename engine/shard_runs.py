@@ -45,6 +45,7 @@ from .errors import NonFiniteError, ShardJobError
 from .plan import ShardJob, TensorTask
 from .safetensors_io import DTYPES, ShardWriter, TensorReader
 from .sources import ResolvedSource
+from .staging_claim import check_staging_claim, temp_shard_name
 
 __all__ = ["SharedInputs", "RunSlot", "SlotOutcome", "ShardResult", "run_slots", "plan_batches", "record_path",
            "write_record", "ProgressFn"]
@@ -67,6 +68,7 @@ class ShardResult:
     worker: str = ""
     device: str = "cpu"
     skipped: bool = False
+    plan_digest: str = ""  # the plan it was computed for (engine.staging_claim); resume/commit accept only their own
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,6 +257,7 @@ class RunSlot:
     label: str  # the recipe, for messages
     model_stats: dict[str, Any] = field(default_factory=dict)
     max_batch_bytes: int = 1 << 30
+    plan_digest: str = ""  # set: the staging must claim this plan before the shard is opened and renamed
 
 
 @dataclass
@@ -309,8 +312,11 @@ class _Run:
 
     def open(self) -> None:
         s = self.slot
-        s.staging.mkdir(parents=True, exist_ok=True)
-        self.tmp = s.staging / f".{s.job.filename}.{uuid.uuid4().hex[:8]}.tmp"
+        if s.plan_digest:  # never (re)create a staging directory that is not this plan's
+            check_staging_claim(s.staging, s.plan_digest, s.job.filename, s.label)
+        else:
+            s.staging.mkdir(parents=True, exist_ok=True)
+        self.tmp = s.staging / temp_shard_name(s.job.filename, s.plan_digest, uuid.uuid4().hex[:8])
         entries = [(t.name, t.out_dtype, t.shape) for t in s.job.tensors]
         self.writer = ShardWriter(self.tmp, entries, metadata={"format": "pt"})
 
@@ -444,9 +450,12 @@ def _finish(run: _Run, shared_seconds: float, shared_bytes: int) -> SlotOutcome:
     if run.error is None:
         try:
             size, sha = run.writer.close()  # type: ignore[union-attr]
+            if s.plan_digest:
+                check_staging_claim(s.staging, s.plan_digest, s.job.filename, s.label)
             os.replace(run.tmp, s.staging / s.job.filename)  # type: ignore[arg-type]
             result = ShardResult(s.job.filename, size, sha, [t.name for t in s.job.tensors], shared_bytes,
-                                 run.seconds + shared_seconds, worker=f"pid{os.getpid()}", device=run.device)
+                                 run.seconds + shared_seconds, worker=f"pid{os.getpid()}", device=run.device,
+                                 plan_digest=s.plan_digest)
             write_record(s.staging, result)
             return SlotOutcome(s.run_id, result=result)
         except Exception as exc:  # noqa: BLE001 - reported per run

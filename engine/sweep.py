@@ -369,7 +369,8 @@ def _jobs_for_pass(sp: SweepPlan, p: SweepPass, states: dict[str, _RunState]) ->
                                  weights=tuple(recipe.weights),
                                  expert_ids=tuple(f"{e.label}@{e.fingerprint()[:16]}" for e in s.plan.experts),
                                  seed=recipe.seed, staging=s.staging.path, label=s.run.run_id,
-                                 model_stats=s.model_stats, max_batch_bytes=sp.max_batch_bytes))
+                                 model_stats=s.model_stats, max_batch_bytes=sp.max_batch_bytes,
+                                 plan_digest=s.staging.plan_digest))
         sjobs = [sl.job for sl in slots]
         experts = [sl.experts for sl in slots]
         jobs.append(SweepJob(k, f"p{p.index + 1}/{shard.filename}", shard.filename, tuple(slots),
