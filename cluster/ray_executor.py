@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 from omnimerge.engine.errors import OmnimergeError, PlanError, ShardJobError, SourceError, SourceNotFoundError
 from omnimerge.engine.execute import JobContext, ShardResult, choose_device, record_path
 from omnimerge.engine.plan import ShardJob
+from omnimerge.engine.staging_claim import STAGING_STATE, check_staging_claim, temp_shard_name
 
 try:  # the sweep engine's dispatcher (runs a sweep context's jobs too); older engines: run_shard_job
     from omnimerge.engine.execute import execute_job as _execute_job
@@ -125,11 +126,12 @@ def ray_session(address: str | None = None, **init_kwargs: Any) -> Iterator[RayS
 # -- coordinator-side shard storage (no shared filesystem) ---------------------------------------------------
 
 
-def store_shard_bytes(staging: Path, result: ShardResult, data: Any) -> ShardResult:
+def store_shard_bytes(staging: Path, result: ShardResult, data: Any, label: str = "recipe") -> ShardResult:
     """Write a shard computed on another node into ``staging`` and record it, after checking its bytes.
 
     ``data`` is the shard file's bytes (``bytes``, ``memoryview`` or a uint8 numpy array). Size and sha256 must
-    match what the worker measured, so staging never holds a shard its record does not vouch for.
+    match what the worker measured, so staging never holds a shard its record does not vouch for; and staging
+    must still belong to the plan the shard was computed for (``result.plan_digest``).
     """
     view = memoryview(data).cast("B")
     if view.nbytes != result.size or hashlib.sha256(view).hexdigest() != result.sha256:
@@ -137,8 +139,11 @@ def store_shard_bytes(staging: Path, result: ShardResult, data: Any) -> ShardRes
             f"Shard '{result.filename}' arrived with {view.nbytes} bytes that do not match its worker's record "
             f"({result.size} bytes, sha256 {result.sha256[:16]}…); it was corrupted in transit. Rerun the same "
             "command to redo it.")
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f".{result.filename}.{uuid.uuid4().hex[:8]}.tmp"
+    if result.plan_digest:
+        check_staging_claim(staging, result.plan_digest, result.filename, label)
+    else:
+        staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / temp_shard_name(result.filename, result.plan_digest, uuid.uuid4().hex[:8])
     try:
         with open(tmp, "wb") as f:
             f.write(view)
@@ -207,6 +212,9 @@ class _ShardWorker:
         base = _relocate(ctx.base, None, self.node_ip)
         experts = [_relocate(e, base, self.node_ip) for e in ctx.experts]
         staging = self.scratch / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        if ctx.plan_digest:  # the private staging claims the same plan, so the engine's checks pass there
+            (staging / STAGING_STATE).write_text(json.dumps({"plan_digest": ctx.plan_digest}))
         return dataclasses.replace(ctx, base=base, experts=experts, staging=staging)
 
     def run(self, job: Any, box: list, key: str) -> tuple[Any, Any]:
@@ -605,7 +613,7 @@ class _Dispatch:
             return
         del ref
         if payload is not None:
-            store_shard_bytes(Path(self.ctx.staging), result, payload)
+            store_shard_bytes(Path(self.ctx.staging), result, payload, self.label)
             self._stats_add("transferred_bytes", int(payload.nbytes))
             del payload
         w.jobs += 1
@@ -699,7 +707,8 @@ class _Dispatch:
             rate = w.bytes_written / w.busy_s / 1e6 if w.busy_s else 0.0
             workers[w.slot] = {
                 "node": w.info.get("node_ip"), "device": w.info.get("device"), "gpu_ids": w.info.get("gpu_ids"),
-                "scratch": w.info.get("scratch"), "threads": w.info.get("threads"), "jobs": w.jobs, "bytes_read": w.bytes_read,
+                "scratch": w.info.get("scratch"), "threads": w.info.get("threads"),
+                "cuda_visible_devices": w.info.get("cuda_visible_devices"), "jobs": w.jobs, "bytes_read": w.bytes_read,
                 "bytes_written": w.bytes_written, "busy_s": round(w.busy_s, 3), "MB_per_s": round(rate, 2),
                 "worker_deaths": w.deaths}
         stats["workers"] = workers

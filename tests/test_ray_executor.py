@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from omnimerge.cluster.cluster_plan import dispatch_order
 from omnimerge.cluster.ray_executor import RayExecutor, ray_session
-from omnimerge.engine.commit import staging_dir_for
-from omnimerge.engine.errors import NonFiniteError
+from omnimerge.engine.commit import prepare_staging, staging_dir_for
+from omnimerge.engine.errors import NonFiniteError, ResumeError
 from omnimerge.engine.execute import LocalExecutor
 from omnimerge.engine.merge import run_merge
 from omnimerge.engine.plan import plan_merge
@@ -81,7 +81,8 @@ class TestOnLocalRay:
     CPU math, as on a GPU node whose CUDA is unusable)."""
 
     @pytest.fixture(scope="class", autouse=True)
-    def ray_instance(self) -> Iterator[None]:
+    @classmethod
+    def ray_instance(cls) -> Iterator[None]:
         import ray
 
         temp = Path(tempfile.mkdtemp(prefix="omr-", dir="/tmp"))
@@ -103,8 +104,10 @@ class TestOnLocalRay:
         assert len(report.results) == 9
         assert _weights(tmp_path / "ray") == _reference(zoo_dir, ref_dir, method, params)
         stats = executor.worker_stats()
-        # Two GPU actors, one fake GPU each; CUDA is not usable here, so both computed on CPU.
+        # Two GPU actors, one fake GPU each (each sees only its own: CUDA_VISIBLE_DEVICES set by Ray per actor);
+        # CUDA is not usable here, so both computed on CPU.
         assert sorted(g for w in stats.values() for g in w["gpu_ids"]) == ["0", "1"]
+        assert all(w["cuda_visible_devices"] == w["gpu_ids"][0] for w in stats.values())
         assert {w["device"] for w in stats.values()} == {"cpu"}
         assert sum(w["jobs"] for w in stats.values()) == 9
         assert sum(w["bytes_written"] for w in stats.values()) == report.bytes_written
@@ -156,6 +159,57 @@ class TestOnLocalRay:
         assert not (staging / ".records" / f"{job.filename}.json").exists()
         assert not (staging / job.filename).exists()
         assert not (staging / "omnimerge_manifest.json").exists()
+        assert not list(staging.glob(".*.tmp"))  # the failed shard's partial file is gone too
+        # The shards that finished are recorded for this plan, so a rerun resumes them (same records, same
+        # files: not recomputed) and stops at the same tensor with the same message.
+        records = {p.name: p.read_text() for p in (staging / ".records").glob("*.json")}
+        assert records and all(json.loads(r)["plan_digest"] == plan.digest() for r in records.values())
+        mtimes = {name: (staging / name[:-5]).stat().st_mtime_ns for name in records}
+        with pytest.raises(NonFiniteError) as again:
+            run_merge(recipe, out, executor=RayExecutor(workers=2), progress=False)
+        assert str(again.value) == text
+        assert {name: (staging / name[:-5]).stat().st_mtime_ns for name in records} == mtimes
+        assert not out.exists() and not (staging / "omnimerge_manifest.json").exists()
+
+    def test_held_worker_of_a_replaced_plan_writes_nothing_into_the_new_staging(self, zoo_dir: Path, ref_dir: Path,
+                                                                                tmp_path: Path) -> None:
+        # The orphaned-worker race, on real Ray actors: a worker is about to start a shard of recipe A when the
+        # user deletes A's staging and starts recipe B at the same output path. (Here A's driver is still alive
+        # and gets the worker's error; an orphan's would go nowhere, but it writes nothing either way.)
+        recipe_a = parse_recipe(_doc(zoo_dir, "task_arithmetic", {"scale": 0.7}))
+        recipe_b = parse_recipe(_doc(zoo_dir, "task_arithmetic", {"scale": 0.8}))
+        plan_a, plan_b = plan_merge(recipe_a), plan_merge(recipe_b)
+        jobs = dispatch_order(plan_a.jobs)
+        hold = tmp_path / "hold"
+        hold.write_text("held")
+        out = tmp_path / "out"
+        box: dict[str, Any] = {}
+
+        def merge_a() -> None:
+            try:
+                run_merge(recipe_a, out, executor=RayExecutor(workers=1, hold=f"{jobs[2].filename}:{hold}"),
+                          progress=False)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=merge_a, daemon=True)
+        thread.start()
+        _wait_for(lambda: bool(_held(hold)) or not thread.is_alive(), 120, "the worker to reach the 3rd shard")
+        staging = staging_dir_for(out)
+        shutil.rmtree(staging)
+        prepare_staging(plan_b, out)
+        hold.unlink()
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        error = box.get("error")
+        assert isinstance(error, ResumeError), error
+        assert str(error).startswith(f"Shard '{jobs[2].filename}' was computed for plan {plan_a.digest()[:12]}… "
+                                     f"(recipe recipe {recipe_a.digest()[:12]}), but staging '{staging}' now "
+                                     f"belongs to another plan ({plan_b.digest()[:12]}…); the shard was discarded")
+        assert sorted(p.name for p in staging.iterdir()) == ["staging.json"]  # nothing of A: no shard, record, tmp
+        report = run_merge(recipe_b, out, executor=RayExecutor(workers=2), progress=False)
+        assert report.resumed == [] and len(report.results) == 9
+        assert _weights(out) == _reference(zoo_dir, ref_dir, "task_arithmetic", {"scale": 0.8})
 
     def test_no_shared_storage_workers_return_bytes_coordinator_writes(self, zoo_dir: Path, ref_dir: Path,
                                                                        tmp_path: Path) -> None:
