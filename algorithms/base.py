@@ -81,6 +81,9 @@ class MergeContext:
         model_stats: model-wide statistics from streaming pre-passes, e.g.
             ``{"ties_threshold": {expert_id: float}}`` (``ties`` also accepts ``(expert_id, density)`` keys,
             for a sweep that needs several densities at once).
+        generators: when set (the engine streaming a tensor in row blocks, each block a call of the
+            method), :meth:`generator` hands out one generator per salt from this dict instead of a fresh
+            one, so consecutive blocks draw consecutive parts of the stream a whole-tensor call would draw.
     """
 
     tensor_name: str = ""
@@ -88,12 +91,18 @@ class MergeContext:
     expert_ids: tuple[str, ...] = ()
     memo: dict | None = None
     model_stats: Mapping[str, Any] = field(default_factory=dict)
+    generators: dict | None = None
 
     def generator(self, *salt: str, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from (seed, tensor name, *salt); CPU by default so bytes do not depend on
-        the device (draw on CPU, then move)."""
+        the device (draw on CPU, then move). Call it once per salt per tensor (see ``generators``)."""
+        key = (salt, str(device))
+        if self.generators is not None and key in self.generators:
+            return self.generators[key]
         g = torch.Generator(device=device)
         g.manual_seed(seed_for(self.seed, self.tensor_name, *salt))
+        if self.generators is not None:
+            self.generators[key] = g
         return g
 
     def remember(self, key: tuple, compute: Callable[[], Any]) -> Any:

@@ -21,6 +21,7 @@ __all__ = [
     "all_methods",
     "validate_params",
     "REGISTRY",
+    "STREAM_MODES",
 ]
 
 # Arguments every method receives from the engine; they are not recipe parameters.
@@ -74,7 +75,17 @@ class MethodSpec:
     reference: str = ""
     summary: str = ""
     uses_weights: bool = False
+    # How the engine may run a tensor through the method in row blocks, so that its working memory is that of
+    # a block (params -> mode): "elements" — every output element depends only on the same element of the
+    # inputs; "rows" — every output row (last dimension) depends only on the same row of the inputs (a 1-D
+    # tensor is one row); None — the method needs whole tensors. Random methods stream too: within one tensor
+    # the engine hands every block the same generator per salt, so the blocks consume one stream in order.
+    streaming: Callable[[Mapping[str, Any]], str | None] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def stream_mode(self, params: Mapping[str, Any]) -> str | None:
+        """``"elements"``, ``"rows"`` or None for these (resolved) parameters; see ``streaming``."""
+        return None if self.streaming is None else self.streaming(params)
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -90,6 +101,7 @@ class MethodSpec:
 
 
 REGISTRY: dict[str, MethodSpec] = {}
+STREAM_MODES = ("elements", "rows")
 
 
 def register(
@@ -106,9 +118,16 @@ def register(
     checks: Mapping[str, Callable[[Any], str | None]] | None = None,
     reference: str = "",
     uses_weights: bool = False,
+    streaming: str | Callable[[Mapping[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` under its own name. ``checks`` maps a parameter to a function returning a problem
-    string (or None) — e.g. ``{"density": in_range(0, 1, low_open=True)}``."""
+    string (or None) — e.g. ``{"density": in_range(0, 1, low_open=True)}``. ``streaming`` is a mode
+    (``"elements"``, ``"rows"``) or a function of the parameters giving one (see ``MethodSpec.streaming``)."""
+    if streaming is not None and not callable(streaming):
+        if streaming not in STREAM_MODES:
+            raise ValueError(f"streaming must be one of {STREAM_MODES} or a function, got {streaming!r}")
+        mode = streaming
+        streaming = lambda params: mode  # noqa: E731
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         name = fn.__name__
@@ -143,6 +162,7 @@ def register(
             reference=reference,
             summary=doc.splitlines()[0] if doc else "",
             uses_weights=uses_weights,
+            streaming=streaming,
         )
         return fn
 

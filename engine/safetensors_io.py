@@ -4,7 +4,7 @@ A safetensors file is ``u64 little-endian N`` + ``N`` bytes of JSON header + a f
 maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the data
 buffer) plus an optional ``"__metadata__"`` dict of strings. Everything the planner needs (names, dtypes,
 shapes, sizes) is in the headers, so :class:`TensorIndex` reads only those; :class:`TensorReader` then reads
-single tensors through mmap, and :class:`ShardWriter` writes one output file front to back (header first,
+single tensors, or row blocks of them, with pread, and :class:`ShardWriter` writes one output file front to back (header first,
 from the plan, then each tensor in order) while hashing it.
 """
 
@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -531,21 +533,47 @@ class TensorReader:
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name`` in its stored dtype, on CPU, in memory of its own (writable)."""
         info = self.index[name]
-        handle = self._open(info.file)
         if self.index.pickle:
-            return handle[name].clone()
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(out.numpy())
+            return self._open(info.file)[name].clone()
+        rows = info.shape[0] if info.shape else 1
+        return self.read_rows(name, 0, rows)
+
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` (along the first dimension) of tensor ``name``, in its stored dtype.
+
+        A 0-d tensor has one row (``0, 1``: the scalar itself). With ``out`` (a contiguous uint8 CPU tensor
+        of at least the rows' byte size) the bytes land in it and the result is a view of it — a buffer
+        reused from chunk to chunk; otherwise in fresh memory.
+        """
+        info = self.index[name]
+        shape = info.shape
+        rows = shape[0] if shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise ShardJobError(f"rows [{start}, {stop}) of tensor '{name}' lie outside its {rows} row(s) (a bug).")
+        row_shape = tuple(shape[1:])
+        out_shape = (stop - start, *row_shape) if shape else ()
+        if self.index.pickle:
+            full = self._open(info.file)[name]
+            return (full[start:stop] if shape else full).clone()
+        row_bytes = math.prod(row_shape) * DTYPES[info.dtype].itemsize
+        nbytes = (stop - start) * row_bytes
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+        if buf.numel() != nbytes:
+            raise ShardJobError(f"read buffer of {out.numel()} bytes is too small for {nbytes} bytes of "  # type: ignore[union-attr]
+                                f"tensor '{name}' (a bug).")
+        handle = self._open(info.file)
+        view = memoryview(buf.numpy())
+        offset = info.start + start * row_bytes
         done = 0
         try:
-            while done < info.nbytes:
-                got = os.preadv(handle, [view[done:]], info.start + done)
+            while done < nbytes:
+                got = os.preadv(handle, [view[done:]], offset + done)
                 if got <= 0:
                     raise SourceError(f"'{info.file}' ended inside tensor '{name}' (truncated after indexing?).")
                 done += got
         except OSError as e:
             raise SourceError(f"Could not read tensor '{name}' from '{info.file}': {e}") from None
-        return out.view(DTYPES[info.dtype].torch).reshape(info.shape)
+        return buf.view(DTYPES[info.dtype].torch).reshape(out_shape)
 
     def _open(self, file: Path) -> Any:
         h = self._handles.get(file)
@@ -587,9 +615,15 @@ class ShardWriter:
     """Writes one ``.safetensors`` file front to back, hashing it as it goes.
 
     The header comes from the plan (names, dtypes, shapes in output order); tensors are then appended in
-    exactly that order, so the writer never holds more than one tensor. Offsets are contiguous from 0 and
-    the header is space-padded to a multiple of 8 bytes, as safetensors writes it; the same entries,
-    metadata and tensors give the same bytes.
+    exactly that order, whole (:meth:`write`) or in consecutive row blocks (:meth:`write_rows`), so the
+    writer never holds more than what it was handed. Offsets are contiguous from 0 and the header is
+    space-padded to a multiple of 8 bytes, as safetensors writes it; the same entries, metadata and tensors
+    give the same bytes.
+
+    With ``background=True`` a thread does the file writes and the sha256 (both release the GIL), so they
+    overlap the caller's compute; at most ``queue_blocks`` handed-over blocks wait for it. The tensors
+    handed over must not be modified afterwards (the engine hands over fresh casts). Errors of the thread
+    surface at the next call.
 
     Usage::
 
@@ -606,11 +640,14 @@ class ShardWriter:
         metadata: Mapping[str, str] | None = None,
         *,
         fsync: bool = True,
+        background: bool = False,
+        queue_blocks: int = 4,
     ) -> None:
         self.path = Path(path)
         self._entries = [(n, d, tuple(int(s) for s in shape)) for n, d, shape in entries]
         self._fsync = fsync
         self._next = 0
+        self._rows_done = 0  # rows of the current entry written so far (write_rows)
         self.result: tuple[int, str] | None = None
         header: dict[str, Any] = {}
         if metadata:
@@ -631,16 +668,45 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._size = 0
         self._f = open(self.path, "wb")
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=max(1, queue_blocks))
+            self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
+            self._thread.start()
         self._emit(struct.pack("<Q", len(raw)) + raw)
 
-    def _emit(self, data: bytes | memoryview) -> None:
+    def _put(self, data: bytes | memoryview) -> None:
         self._f.write(data)
         self._sha.update(data)
-        self._size += len(data)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor`` as ``name``; it must be the next entry, with its planned dtype and shape."""
-        if self._f.closed:
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()  # type: ignore[union-attr]
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._put(item if isinstance(item, bytes) else memoryview(item.numpy()))
+                except BaseException as exc:  # noqa: BLE001 - surfaced at the next call
+                    self._error = exc
+
+    def _raise_thread_error(self) -> None:
+        if self._error is not None:
+            raise ShardJobError(f"Writing shard '{self.path}' failed: {self._error}") from self._error
+
+    def _emit(self, data: bytes | torch.Tensor) -> None:
+        """Append ``data`` (bytes, or a contiguous CPU uint8 tensor) to the file and the hash."""
+        self._size += len(data) if isinstance(data, bytes) else data.numel()
+        if self._queue is not None:
+            self._raise_thread_error()
+            self._queue.put(data)
+        else:
+            self._put(data if isinstance(data, bytes) else memoryview(data.numpy()))
+
+    def _check_open(self, name: str) -> tuple[str, tuple[int, ...]]:
+        if self._f.closed or self.result is not None:
             raise ShardJobError(f"Shard '{self.path}' is already closed; cannot write '{name}'.")
         if self._next >= len(self._entries):
             raise ShardJobError(f"Shard '{self.path}' got tensor '{name}' after all its entries were written.")
@@ -650,28 +716,69 @@ class ShardWriter:
                 f"Shard '{self.path}' expected tensor '{want}' next but got '{name}'; tensors must be written "
                 "in the order of the shard's entries."
             )
+        return dtype, shape
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` as ``name``; it must be the next entry, with its planned dtype and shape."""
+        dtype, shape = self._check_open(name)
+        if self._rows_done:
+            raise ShardJobError(f"Shard '{self.path}': tensor '{name}' is half written by write_rows; finish it "
+                                "with write_rows.")
         if tensor.dtype != DTYPES[dtype].torch or tuple(tensor.shape) != shape:
             raise TensorMismatchError(
                 f"Shard '{self.path}': tensor '{name}' is {tensor.dtype} {list(tensor.shape)} but the plan says "
                 f"{dtype} {list(shape)}. Cast it before writing, or fix the plan."
             )
+        self._append(tensor)
+        self._next += 1
+
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Append the next rows (along the first dimension) of entry ``name``; the entry is complete when all
+        its rows are written. A 0-d entry is one row: pass the scalar itself."""
+        dtype, shape = self._check_open(name)
+        total = shape[0] if shape else 1
+        if shape:
+            fits = rows.dim() == len(shape) and tuple(rows.shape[1:]) == shape[1:]
+            got = int(rows.shape[0]) if fits else 0
+        else:
+            fits, got = rows.dim() == 0, 1
+        if not fits or rows.dtype != DTYPES[dtype].torch or self._rows_done + got > total:
+            raise TensorMismatchError(
+                f"Shard '{self.path}': rows of tensor '{name}' are {rows.dtype} {list(rows.shape)} after "
+                f"{self._rows_done} row(s) but the plan says {dtype} {list(shape)}. Cast them before writing, "
+                "or fix the plan."
+            )
+        self._append(rows)
+        self._rows_done += got
+        if self._rows_done == total:
+            self._rows_done = 0
+            self._next += 1
+
+    def _append(self, tensor: torch.Tensor) -> None:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if flat.numel():
-            self._emit(memoryview(flat.view(torch.uint8).numpy()))
-        self._next += 1
+            self._emit(flat.view(torch.uint8))
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)  # type: ignore[union-attr]
+            self._thread.join()
+            self._thread = None
 
     def close(self) -> tuple[int, str]:
         """Finish the file; returns ``(size_bytes, sha256_hex)``.
 
         Raises:
             ShardJobError: some entries were never written (the partial file is left for the caller,
-                which wrote it under a temporary name).
+                which wrote it under a temporary name), or the background thread failed to write.
         """
         if self.result is not None:
             return self.result
+        self._stop_thread()
         missing = [n for n, _, _ in self._entries[self._next:]]
-        if missing:
+        if missing or self._error is not None:
             self._f.close()
+            self._raise_thread_error()
             raise ShardJobError(
                 f"Shard '{self.path}' was closed with {len(missing)} tensor(s) never written (first: "
                 f"'{missing[0]}'); the file is incomplete."
@@ -685,6 +792,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close and delete the partial file."""
+        self._error = self._error or ShardJobError("aborted")
+        self._stop_thread()
         if not self._f.closed:
             self._f.close()
         self.path.unlink(missing_ok=True)

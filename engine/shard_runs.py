@@ -32,6 +32,7 @@ import os
 import time
 import uuid
 from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -43,6 +44,8 @@ from omnimerge.algorithms.registry import get_method
 
 from .errors import NonFiniteError, ShardJobError
 from .plan import ShardJob, TensorTask
+from . import row_stream
+from .row_stream import BlockInputs, BlockReader, _Buffers, merge_block, one_intra_op_thread, row_blocks, stream_mode
 from .safetensors_io import DTYPES, ShardWriter, TensorReader
 from .sources import ResolvedSource
 from .staging_claim import check_staging_claim, temp_shard_name
@@ -127,6 +130,7 @@ class SharedInputs:
         self._base32: dict[str, torch.Tensor] = {}
         self._deltas: dict[tuple[str, int], Delta] = {}
         self._dense: dict[tuple[str, int], torch.Tensor] = {}
+        self.buffers = _Buffers()  # reused float32 block buffers of the streamed path
 
     def _reader(self, i: int) -> TensorReader:
         if i not in self._readers:
@@ -179,19 +183,18 @@ class SharedInputs:
 
     def _build(self, name: str, i: int, base32: torch.Tensor) -> Delta:
         expert = self.pool[i]
-        if expert.kind == "model":
-            t = self._reader(i).read(name)
+        source = self.source_of(name, i)
+        if source is not None:
+            # θᵢ − θ₀ in one subtraction from the stored dtype (its float32 value is exact: the bits of
+            # converting first). θ₀ is finite (checked), so a non-finite τᵢ means a NaN/Inf in θᵢ or an
+            # overflow of finite values; one sum tells, and only then is θᵢ itself checked.
+            t = source[0].read(source[1])
             self._count(t)
-            t32 = t.to(self.device, torch.float32)
-            check_finite(t32, name, f"expert '{expert.label}' ({expert.spec.source})")
-            return t32 - base32
+            d = torch.sub(t.to(self.device), base32)
+            if not (bool(torch.isfinite(d.sum())) or bool(torch.isfinite(d).all())):
+                check_finite(t, name, self.where(name, i))
+            return d
         adapter = expert.lora
-        if name in adapter.replacements:
-            t = self._reader(i).read(adapter.replacements[name])
-            self._count(t)
-            t32 = t.to(self.device, torch.float32)
-            check_finite(t32, name, f"expert '{expert.label}' ({expert.spec.source}, modules_to_save)")
-            return t32 - base32
         if name in adapter.targets:
             lr = adapter.delta(name, self._reader(i)).to(self.device)
             self.bytes_read += (lr.A.numel() + lr.B.numel()) * lr.A.element_size()
@@ -199,6 +202,36 @@ class SharedInputs:
             check_finite(lr.B, name, f"LoRA expert '{expert.label}' (lora_B)")
             return lr
         return torch.zeros_like(base32)
+
+    # -- row-block streaming (engine.row_stream) -------------------------------------------------------
+
+    def is_factored(self, name: str, i: int) -> bool:
+        """Whether pool expert ``i``'s task vector of ``name`` is a LoRA product B·A (it cannot stream)."""
+        expert = self.pool[i]
+        return expert.kind != "model" and name not in expert.lora.replacements and name in expert.lora.targets
+
+    def source_of(self, name: str, key: int | str) -> tuple[TensorReader, str] | None:
+        """``(reader, stored tensor name)`` of the base (``key == "base"``) or pool expert ``key`` for tensor
+        ``name``; None for an expert whose task vector is zero there (a LoRA adapter not targeting it)."""
+        if key == "base":
+            if self._base_reader is None:
+                self._base_reader = TensorReader(self.base_source.index)
+            return self._base_reader, name
+        expert = self.pool[key]  # type: ignore[index]
+        if expert.kind == "model":
+            return self._reader(key), name  # type: ignore[arg-type]
+        if name in expert.lora.replacements:
+            return self._reader(key), expert.lora.replacements[name]  # type: ignore[arg-type]
+        return None
+
+    def where(self, name: str, key: int | str) -> str:
+        """How messages name the base or pool expert ``key`` as the origin of tensor ``name``."""
+        if key == "base":
+            return f"base ({self.base_source.spec.source})"
+        expert = self.pool[key]  # type: ignore[index]
+        if expert.kind != "model" and name in expert.lora.replacements:
+            return f"expert '{expert.label}' ({expert.spec.source}, modules_to_save)"
+        return f"expert '{expert.label}' ({expert.spec.source})"
 
     def release(self, name: str) -> None:
         """Forget every cached input of tensor ``name`` (after its turn)."""
@@ -318,7 +351,7 @@ class _Run:
             s.staging.mkdir(parents=True, exist_ok=True)
         self.tmp = s.staging / temp_shard_name(s.job.filename, s.plan_digest, uuid.uuid4().hex[:8])
         entries = [(t.name, t.out_dtype, t.shape) for t in s.job.tensors]
-        self.writer = ShardWriter(self.tmp, entries, metadata={"format": "pt"})
+        self.writer = ShardWriter(self.tmp, entries, metadata={"format": "pt"}, background=True)
 
     def fail(self, exc: BaseException, tensor: str) -> None:
         self.error, self.failed_at = exc, tensor
@@ -373,6 +406,100 @@ def _output(run: _Run, task: TensorTask, inputs: SharedInputs, memo: dict) -> to
     return cast(_merge_one(run, task, inputs, memo), task.out_dtype)
 
 
+def _whole_tensor(name: str, runs: Sequence[_Run], inputs: SharedInputs) -> tuple[int, float]:
+    """Every run's output of tensor ``name`` from whole-tensor inputs; (bytes written, runs' own seconds)."""
+    memo: dict = {}
+    written = 0
+    own = 0.0
+    for run in runs:
+        t0 = time.perf_counter()
+        shared0 = inputs.seconds
+        try:
+            task = run.tasks[name]
+            out = _output(run, task, inputs, memo)
+            run.writer.write(name, out)  # type: ignore[union-attr]
+            written += task.out_bytes
+        except Exception as exc:  # noqa: BLE001 - one run's failure loses no other
+            _log_failure(run, name, exc)
+        mine = (time.perf_counter() - t0) - (inputs.seconds - shared0)  # reads are shared
+        run.seconds += mine
+        own += mine
+    return written, own
+
+
+def _log_failure(run: _Run, name: str, exc: BaseException) -> None:
+    log.warning("run %s: shard %s failed at tensor %s: %s", run.slot.run_id, run.slot.job.filename, name, exc)
+    run.fail(exc, name)
+
+
+def _can_stream(name: str, runs: Sequence[_Run], inputs: SharedInputs) -> bool:
+    """Whether every run's task for ``name`` streams in row blocks (see :mod:`.row_stream`) and no expert
+    a merging run uses holds it as LoRA factors."""
+    if not runs or any(name in run.ready or name in run.batches for run in runs):
+        return False
+    tasks = [run.tasks[name] for run in runs]
+    if stream_mode(tasks) is None:
+        return False
+    used = {i for run, t in zip(runs, tasks) if t.action == "merge" for i in run.slot.experts}
+    return not any(inputs.is_factored(name, i) for i in used)
+
+
+def _stream_tensor(name: str, runs: Sequence[_Run], inputs: SharedInputs, reader_pool: ThreadPoolExecutor | None,
+                   block_elements: int) -> tuple[int, float, int]:
+    """Every run's output of tensor ``name``, block of rows by block; (bytes written, runs' own seconds,
+    blocks)."""
+    tasks = [run.tasks[name] for run in runs]
+    used = sorted({i for run, t in zip(runs, tasks) if t.action == "merge" for i in run.slot.experts})
+    sources: dict[Any, Any] = {"base": inputs.source_of(name, "base")}
+    sources.update({i: inputs.source_of(name, i) for i in used})
+    wheres = {key: inputs.where(name, key) for key in sources}
+    shape = tasks[0].shape
+    blocks = row_blocks(shape, stream_mode(tasks) or "elements", block_elements)
+    generators: dict[str, dict] = {run.slot.run_id: {} for run in runs}  # one stream per salt, tensor and run
+    own = 0.0
+    reader = BlockReader(sources, blocks, reader_pool)
+    try:
+        with one_intra_op_thread():
+            for start, stop, raw in reader:
+                inputs.bytes_read += sum(r.numel() * r.element_size() for r in raw.values() if r is not None)
+                block = BlockInputs(inputs, name, raw, inputs.buffers, wheres)
+                block_shape = (stop - start, *shape[1:]) if shape else ()
+                own += _stream_block(block, block_shape, runs, tasks, generators)
+    finally:
+        reader.close()
+    return sum(t.out_bytes for run, t in zip(runs, tasks) if run.error is None), own, len(blocks)
+
+
+def _stream_block(block: BlockInputs, block_shape: tuple[int, ...], runs: Sequence[_Run],
+                  tasks: Sequence[TensorTask], generators: dict[str, dict]) -> float:
+    """Every live run's rows of one block, appended to its shard; returns the runs' own seconds."""
+    memo: dict = {}  # shared by the runs of this block (e.g. task arithmetic's Σwᵢτᵢ across scales)
+    own = 0.0
+    inputs = block.inputs
+    for run, task in zip(runs, tasks):
+        if run.error is not None:
+            continue
+        t0 = time.perf_counter()
+        shared0 = inputs.seconds
+        try:
+            if task.action == "keep":
+                out = cast(block.raw_base(), task.out_dtype)
+            else:
+                s = run.slot
+                mctx = MergeContext(tensor_name=block.name, seed=s.seed, expert_ids=s.expert_ids,
+                                    memo=_MemoView(memo, ("block",)), model_stats=s.model_stats,
+                                    generators=generators[s.run_id])
+                out = cast(merge_block(get_method(task.method).fn, block, s.experts, mctx, s.weights,
+                                       task.param_dict(), block_shape, task.method), task.out_dtype)
+            run.writer.write_rows(block.name, out)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - one run's failure loses no other
+            _log_failure(run, block.name, exc)
+        mine = (time.perf_counter() - t0) - (inputs.seconds - shared0)  # reads and task vectors are shared
+        run.seconds += mine
+        own += mine
+    return own
+
+
 def _maybe_die(fault: str, tensor: str) -> None:
     target, _, marker = fault.partition(":")
     if target == tensor and marker and not os.path.exists(marker):
@@ -382,12 +509,17 @@ def _maybe_die(fault: str, tensor: str) -> None:
 
 def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[ResolvedSource], *,
               device: str = "cpu", progress: ProgressFn | None = None, fault: str | None = None,
-              stats: dict[str, Any] | None = None) -> list[SlotOutcome]:
+              stats: dict[str, Any] | None = None, block_elements: int | None = None,
+              prefetch: bool = True, stream: bool = True) -> list[SlotOutcome]:
     """Write every slot's shard in one pass over the tensors; one outcome per slot, in order.
 
     All slots must list the same tensor names in the same order (the same shard layout). Errors of one slot
     are caught and reported in its outcome; finished shards are renamed into place and recorded. ``stats``,
     when given, receives ``bytes_read``, ``shared_seconds`` (reading, task vectors) and ``seconds``.
+    Tensors whose every run streams (:mod:`~omnimerge.engine.row_stream`) go through in row blocks of about
+    ``block_elements`` values (default ``row_stream.BLOCK_ELEMENTS``), the next block read on a thread while
+    this one is computed (``prefetch``); ``stream=False`` takes the whole-tensor path for every tensor.
+    ``stats`` also receives ``streamed_tensors`` and ``blocks``.
     """
     start = time.perf_counter()
     if not slots:
@@ -406,34 +538,27 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
             run.fail(exc, "")
     inputs = SharedInputs(base, pool, device)
     own = 0.0
+    block_elements = block_elements or row_stream.BLOCK_ELEMENTS
+    streamed = blocks = 0
+    reader_pool = ThreadPoolExecutor(1, thread_name_prefix="omnimerge-read") if prefetch else None
     try:
         with torch.no_grad():
             for name in order:
                 if fault:
                     _maybe_die(fault, name)
-                memo: dict = {}
-                written = 0
-                for run in runs:
-                    if run.error is not None:
-                        continue
-                    t0 = time.perf_counter()
-                    shared0 = inputs.seconds
-                    try:
-                        task = run.tasks[name]
-                        out = _output(run, task, inputs, memo)
-                        run.writer.write(name, out)  # type: ignore[union-attr]
-                        written += task.out_bytes
-                    except Exception as exc:  # noqa: BLE001 - one run's failure loses no other
-                        log.warning("run %s: shard %s failed at tensor %s: %s", run.slot.run_id,
-                                    run.slot.job.filename, name, exc)
-                        run.fail(exc, name)
-                    mine = (time.perf_counter() - t0) - (inputs.seconds - shared0)  # reads are shared
-                    run.seconds += mine
-                    own += mine
+                live = [run for run in runs if run.error is None]
+                if stream and _can_stream(name, live, inputs):
+                    written, mine, n_blocks = _stream_tensor(name, live, inputs, reader_pool, block_elements)
+                    streamed, blocks = streamed + 1, blocks + n_blocks
+                else:
+                    written, mine = _whole_tensor(name, live, inputs)
+                own += mine
                 inputs.release(name)
                 if progress and written:
                     progress("tensor", written)
     finally:
+        if reader_pool is not None:
+            reader_pool.shutdown(wait=True)
         inputs.close()
     # Shared time (reading, task vectors, bookkeeping) and bytes read are split evenly over the runs served,
     # so a lone merge reports its whole time and reads, and a sweep's per-run figures add up to the job's.
@@ -441,7 +566,8 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
     shared = max(0.0, total - own)
     outcomes = [_finish(run, shared / len(runs), inputs.bytes_read // len(runs)) for run in runs]
     if stats is not None:
-        stats.update(bytes_read=inputs.bytes_read, seconds=time.perf_counter() - start, shared_seconds=shared)
+        stats.update(bytes_read=inputs.bytes_read, seconds=time.perf_counter() - start, shared_seconds=shared,
+                     streamed_tensors=streamed, blocks=blocks)
     return outcomes
 
 

@@ -464,3 +464,60 @@ def test_plan_shards_properties(sizes: list[int], limit: int) -> None:
         assert shard and (total <= limit or len(shard) == 1)
         if k + 1 < len(shards):  # greedy: the next shard's first tensor did not fit
             assert total + size[shards[k + 1][0]] > limit
+
+
+# -- row blocks (the streamed path) -------------------------------------------------------------------------
+
+
+def test_read_rows_equals_slices_of_the_whole_tensor_with_and_without_a_buffer(tmp_path: Path) -> None:
+    tensors = _mixed_tensors()
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    idx = TensorIndex.from_files([tmp_path / "m.safetensors"])
+    buf = torch.empty(1 << 12, dtype=torch.uint8)
+    with TensorReader(idx) as r:
+        for name, t in tensors.items():
+            if t.dim() == 0:
+                assert _same_bytes(r.read_rows(name, 0, 1), t) and r.read_rows(name, 0, 1).shape == ()
+                continue
+            rows = t.shape[0]
+            for start, stop in ((0, rows), (0, rows // 2), (rows // 2, rows), (rows, rows)):
+                assert _same_bytes(r.read_rows(name, start, stop), t[start:stop]), (name, start, stop)
+                got = r.read_rows(name, start, stop, out=buf)
+                assert _same_bytes(got, t[start:stop]) and (got.numel() == 0 or got.data_ptr() == buf.data_ptr())
+        with pytest.raises(ShardJobError, match=r"rows \[2, 4\) of tensor 'f32' lie outside its 3 row\(s\)"):
+            r.read_rows("f32", 2, 4)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_write_rows_in_blocks_gives_the_bytes_of_whole_writes(tmp_path: Path, background: bool) -> None:
+    tensors = _mixed_tensors()
+    with ShardWriter(tmp_path / "whole.safetensors", _entries(tensors), {"format": "pt"}, fsync=False) as w:
+        for n, t in tensors.items():
+            w.write(n, t)
+    with ShardWriter(tmp_path / "rows.safetensors", _entries(tensors), {"format": "pt"}, fsync=False,
+                     background=background, queue_blocks=2) as b:
+        for n, t in tensors.items():
+            if t.dim() == 0:
+                b.write_rows(n, t)
+            elif t.shape[0] == 0:
+                b.write(n, t)
+            else:
+                for start in range(0, t.shape[0], 2):  # blocks of two rows, the last one shorter
+                    b.write_rows(n, t[start:start + 2].clone())
+    assert b.result == w.result
+    assert (tmp_path / "rows.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
+def test_write_rows_rejects_wrong_rows_and_mixing_with_write(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path / "x.safetensors", [("a", "F32", (4, 3)), ("b", "F32", (2,))], background=True)
+    with pytest.raises(TensorMismatchError, match=r"rows of tensor 'a' are torch.float32 \[2, 2\] after 0 row\(s\) "
+                                                  r"but the plan says F32 \[4, 3\]"):
+        w.write_rows("a", torch.zeros(2, 2))
+    w.write_rows("a", torch.zeros(3, 3))
+    with pytest.raises(TensorMismatchError, match=r"are torch.float32 \[2, 3\] after 3 row\(s\)"):
+        w.write_rows("a", torch.zeros(2, 3))  # one row too many
+    with pytest.raises(ShardJobError, match=r"tensor 'a' is half written by write_rows"):
+        w.write("a", torch.zeros(4, 3))
+    w.write_rows("a", torch.zeros(1, 3))
+    with pytest.raises(ShardJobError, match=r"closed with 1 tensor\(s\) never written \(first: 'b'\)"):
+        w.close()

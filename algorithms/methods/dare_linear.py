@@ -29,7 +29,7 @@ def dare_deltas(deltas: Sequence[Delta], *, ctx: MergeContext, p: float, rescale
     return [dare(dense(d), p, ctx.generator("dare", ctx.expert_id(i)), rescale=rescale) for i, d in enumerate(deltas)]
 
 
-@register(uses_weights=True, random=True, checks={"p": in_range(0, 1, high_open=True)},
+@register(uses_weights=True, random=True, streaming="elements", checks={"p": in_range(0, 1, high_open=True)},
           reference="Yu et al. 2024, arXiv 2311.03099; mergekit 'dare_linear'")
 def dare_linear(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
                 weights: Sequence[float] | None = None, p: float = 0.2, rescale: bool = True,

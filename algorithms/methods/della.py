@@ -12,7 +12,7 @@ Recent mergekit rescales to the L1 norm instead of by 1/p: not done here.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -24,7 +24,12 @@ from ..sparsify import della_magprune
 __all__ = ["della"]
 
 
-@register(uses_weights=True, random=True,
+def _streaming(params: Mapping[str, Any]) -> str | None:
+    """Without consensus each row is pruned and summed on its own (row-wise ranks): rows stream."""
+    return None if params.get("consensus", True) else "rows"
+
+
+@register(uses_weights=True, random=True, streaming=_streaming,
           checks={"density": in_range(0, 1, low_open=True), "epsilon": in_range(0, 0.5)},
           reference="Deep et al. 2024, arXiv 2406.11617; mergekit 'della'")
 def della(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weights: Sequence[float] | None = None,

@@ -15,7 +15,7 @@ from ..base import Delta, MergeContext, as_sequence, dense
 from ..registry import register
 
 
-@register(uses_weights=True, reference="mergekit 'linear' (Goddard et al. 2024, arXiv 2403.13257)")
+@register(uses_weights=True, streaming="elements", reference="mergekit 'linear' (Goddard et al. 2024, arXiv 2403.13257)")
 def linear(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
            weights: Sequence[float] | None = None, normalize: bool = True, include_base: bool = False,
            base_weight: float = 1.0) -> torch.Tensor:
@@ -31,4 +31,5 @@ def linear(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
     for wi, d in zip(w, deltas):
         acc.add_(dense(d), alpha=wi / den)
     base_coeff = total / den
-    return base + acc if base_coeff == 1.0 else base * base_coeff + acc
+    # acc + θ₀·c has the bits of θ₀·c + acc (addition is commutative), without another tensor.
+    return acc.add_(base) if base_coeff == 1.0 else acc.add_(base * base_coeff)

@@ -14,11 +14,20 @@ from ..base import Delta, MergeContext, as_sequence, dense
 from ..registry import register
 
 
-@register(uses_weights=True, reference="Ilharco et al. 2023, arXiv 2212.04089")
+@register(uses_weights=True, streaming="elements", reference="Ilharco et al. 2023, arXiv 2212.04089")
 def task_arithmetic(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
                     weights: Sequence[float] | None = None, scale: float = 1.0) -> torch.Tensor:
     """Sum of the (weighted) task vectors added to the base: θ₀ + λ·Σwᵢτᵢ."""
-    acc = torch.zeros_like(base)
-    for wi, d in zip(as_sequence(weights, len(deltas)), deltas):
-        acc.add_(dense(d), alpha=wi)
-    return base + scale * acc
+    w = as_sequence(weights, len(deltas))
+
+    def weighted_sum() -> torch.Tensor:
+        acc = torch.zeros_like(base)
+        for wi, d in zip(w, deltas):
+            acc.add_(dense(d), alpha=wi)
+        return acc
+
+    # Σwᵢτᵢ does not depend on λ: a sweep over scales computes it once. λ·acc + θ₀ has the bits of θ₀ + λ·acc
+    # (float multiplication and addition are commutative), in one new tensor.
+    key = ("task_arithmetic", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w))
+    acc = ctx.remember(key, weighted_sum)
+    return acc.mul(scale).add_(base)

@@ -14,7 +14,7 @@ from ..base import Delta, MergeContext, as_sequence, dense
 from ..registry import in_range, register
 
 
-@register(uses_weights=True, accepts_lowrank=False, checks={"scale": in_range(0, None)},
+@register(uses_weights=True, accepts_lowrank=False, streaming="elements", checks={"scale": in_range(0, None)},
           reference="Wortsman et al. 2022 (model soups); PAPER.md 'Weight Average'")
 def weight_average(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
                    weights: Sequence[float] | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -23,7 +23,14 @@ def weight_average(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeCon
     total = sum(w)
     if total == 0:
         raise ValueError("weight_average: expert weights sum to zero")
-    acc = torch.zeros_like(base)
-    for wi, d in zip(w, deltas):
-        acc.add_(dense(d), alpha=wi / total)
-    return base + scale * acc
+
+    def mean() -> torch.Tensor:
+        acc = torch.zeros_like(base)
+        for wi, d in zip(w, deltas):
+            acc.add_(dense(d), alpha=wi / total)
+        return acc
+
+    # The mean does not depend on λ (a sweep over scales computes it once); λ·τ_m + θ₀ has the bits of
+    # θ₀ + λ·τ_m, in one new tensor.
+    acc = ctx.remember(("weight_average", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w)), mean)
+    return acc.mul(scale).add_(base)
