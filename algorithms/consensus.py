@@ -24,8 +24,10 @@ __all__ = ["elect_sign", "disjoint_merge", "ties_merge"]
 
 def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
     """γ ∈ {−1, 0, +1} per entry from the weighted, sparsified task vectors (see module docstring)."""
-    total = torch.zeros_like(weighted[0])
-    for x in weighted:
+    # Σ from the first term on (no zeros to start from): only the sign of an exactly-zero sum can differ
+    # from a sum started at +0, and those entries take the tensor-wide sign below either way.
+    total = weighted[0].clone() if len(weighted) == 1 else torch.add(weighted[0], weighted[1])
+    for x in weighted[2:]:
         total.add_(x)
     gamma = torch.sign(total)
     zero = gamma == 0
@@ -37,16 +39,20 @@ def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
 def disjoint_merge(weighted: Sequence[torch.Tensor], weights: Sequence[float], gamma: torch.Tensor, *,
                    normalize: bool = True) -> torch.Tensor:
     """Σ of the agreeing wᵢτ̂ᵢ, divided (``normalize``) by the Σ of the agreeing wᵢ (1 where none agree)."""
-    num = torch.zeros_like(gamma)
+    zero = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
+    num: torch.Tensor | None = None
     den = torch.zeros_like(gamma)
     for x, w in zip(weighted, weights):
-        agree = (torch.sign(x) == gamma) & (gamma != 0)
-        num.add_(torch.where(agree, x, torch.zeros((), dtype=x.dtype, device=x.device)))
-        den.add_(agree.to(den.dtype), alpha=float(w))
+        # sign(x) = γ ≠ 0  ⟺  x·γ > 0 (γ ∈ {−1, 0, +1}: the product is ±x or ±0, exactly)
+        agree = torch.mul(x, gamma) > 0
+        part = torch.where(agree, x, zero)
+        num = part if num is None else num.add_(part)  # +0 + part = part: the sum started at zeros, bit for bit
+        den.add_(agree, alpha=float(w))
+    if num is None:
+        return torch.zeros_like(gamma)
     if not normalize:
         return num
-    den = torch.where(den == 0, torch.ones((), dtype=den.dtype, device=den.device), den)
-    return num / den
+    return num.div_(den.masked_fill_(den == 0, 1.0))
 
 
 def ties_merge(sparse: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:

@@ -22,7 +22,8 @@ import torch
 
 from .base import LowRank
 
-__all__ = ["RadixSelect", "keep_count", "kth_largest_abs", "TiesThresholdPrepass"]
+__all__ = ["RadixSelect", "keep_count", "kth_largest_abs", "abs_bits", "top_histogram", "kth_largest_in",
+           "TiesThresholdPrepass"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,29 @@ def keep_count(density: float, numel: int) -> int:
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
     """int32 bit patterns of |x| as float32 (non-negative, so they order like the values)."""
-    return x.detach().reshape(-1).to(torch.float32).abs().contiguous().view(torch.int32)
+    return abs_bits(x.detach().to(torch.float32).abs())
+
+
+def abs_bits(magnitude: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of an already non-negative float32 tensor (a view when contiguous)."""
+    return magnitude.reshape(-1).contiguous().view(torch.int32)
+
+
+def top_histogram(bits: torch.Tensor) -> torch.Tensor:
+    """Pass 0 of the radix select: counts of the top 16 bits (``bincount`` straight on int32)."""
+    return torch.bincount(bits >> 16, minlength=_BINS).cpu()
+
+
+def kth_largest_in(bits: torch.Tensor, hist: torch.Tensor, k: int) -> float:
+    """Exact k-th largest of one tensor's magnitudes from their bit patterns ``bits`` (:func:`abs_bits`)
+    and their pass-0 histogram ``hist`` (:func:`top_histogram`, which does not depend on k, so callers
+    needing several k — a sweep over TIES densities — compute it once)."""
+    if not 1 <= k <= bits.numel():
+        raise ValueError(f"k = {k} is outside [1, {bits.numel()}]")
+    top_bin, k_rest = _walk_from_top(hist, k)
+    sel = bits[(bits >> 16) == top_bin]
+    low, _ = _walk_from_top(torch.bincount(sel & 0xFFFF, minlength=_BINS).cpu(), k_rest)
+    return float(torch.tensor([(top_bin << 16) | low], dtype=torch.int32).view(torch.float32).item())
 
 
 def _walk_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -68,11 +91,11 @@ class RadixSelect:
         bits = _bits(x)
         if pass_index == 0:
             self.total += bits.numel()
-            h = torch.bincount((bits >> 16).long(), minlength=_BINS).cpu()
+            h = top_histogram(bits)
             self._hi = h if self._hi is None else self._hi + h
         elif pass_index == 1:
             sel = bits[(bits >> 16) == self._top_bin]
-            h = torch.bincount((sel & 0xFFFF).long(), minlength=_BINS).cpu()
+            h = torch.bincount(sel & 0xFFFF, minlength=_BINS).cpu()
             self._lo = h if self._lo is None else self._lo + h
         else:
             raise ValueError(f"RadixSelect has passes 0 and 1, got {pass_index}")
@@ -99,6 +122,9 @@ class RadixSelect:
 def kth_largest_abs(tensors: Iterable[torch.Tensor] | list[torch.Tensor], k: int) -> float:
     """Exact k-th largest |x| over ``tensors`` (iterated twice; pass a list)."""
     tensors = list(tensors)
+    if len(tensors) == 1:  # one tensor: its bit patterns once for both passes
+        bits = _bits(tensors[0])
+        return kth_largest_in(bits, top_histogram(bits), k)
     sel = RadixSelect(k=k)
     for p in (0, 1):
         for t in tensors:

@@ -27,8 +27,8 @@ import torch
 from ..base import Delta, MergeContext, as_sequence, dense
 from ..consensus import ties_merge
 from ..registry import in_range, one_of, register
-from ..selection import TiesThresholdPrepass
-from ..sparsify import magnitude_threshold, trim
+from ..selection import TiesThresholdPrepass, abs_bits, keep_count, kth_largest_in, top_histogram
+from ..sparsify import magnitude_threshold
 
 __all__ = ["ties", "ties_thresholds"]
 
@@ -55,15 +55,17 @@ def _lookup(stats: Mapping[Any, Any], eid: str, density: float) -> Any:
     return stats.get(eid)
 
 
-def ties_thresholds(deltas: Sequence[torch.Tensor], *, ctx: MergeContext, density: float, scope: str) -> list[torch.Tensor]:
-    """The trim threshold of each expert for this tensor (per tensor, or the model-wide pre-pass value)."""
+def ties_thresholds(deltas: Sequence[torch.Tensor], *, ctx: MergeContext, density: float, scope: str,
+                    first: int = 0) -> list[torch.Tensor]:
+    """The trim threshold of each expert for this tensor (per tensor, or the model-wide pre-pass value);
+    ``deltas[j]`` is expert ``first + j``."""
     if scope == "tensor":
         return [magnitude_threshold(d, density) for d in deltas]
     if scope != "model":
         raise ValueError(f"ties scope must be 'tensor' or 'model', got {scope!r}")
     stats = ctx.model_stats.get(TiesThresholdPrepass.stat_key)
     out = []
-    for i, d in enumerate(deltas):
+    for i, d in enumerate(deltas, start=first):
         eid = ctx.expert_id(i)
         value = None if stats is None else _lookup(stats, eid, density)
         if value is None:
@@ -89,13 +91,25 @@ def ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weig
     """
     w = as_sequence(weights, len(deltas))
 
+    def threshold(i: int, d: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        if scope != "tensor":
+            return ties_thresholds([d], ctx=ctx, density=density, scope=scope, first=i)[0]
+        bits = abs_bits(magnitude)
+        # Pass 0 of the radix select does not depend on the density: a sweep over densities counts it once.
+        hist = ctx.remember(("ties_top_histogram", ctx.expert_id(i)), lambda: top_histogram(bits))
+        value = kth_largest_in(bits, hist, keep_count(density, d.numel()))
+        return torch.tensor(value, dtype=d.dtype, device=d.device)
+
     def direction() -> torch.Tensor:
-        dense_deltas = [dense(d) for d in deltas]
-        thresholds = ties_thresholds(dense_deltas, ctx=ctx, density=density, scope=scope)
-        trimmed = [trim(d, t) for d, t in zip(dense_deltas, thresholds)]
+        trimmed = []
+        for i, delta in enumerate(deltas):
+            d = dense(delta)
+            magnitude = d.abs()  # once, for the threshold and the trim
+            t = threshold(i, d, magnitude)
+            trimmed.append(torch.where(magnitude >= t, d, torch.zeros((), dtype=d.dtype, device=d.device)))
         return ties_merge(trimmed, w, normalize=normalize)
 
     # τ_m does not depend on λ: a sweep over scales computes it once (same operations, same bytes).
     key = ("ties", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w), density, scope, normalize)
     merged = ctx.remember(key, direction)
-    return base + scale * merged
+    return merged.mul(scale).add_(base)  # the bits of θ₀ + λ·τ_m (both operations commute), one new tensor
