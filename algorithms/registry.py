@@ -81,6 +81,10 @@ class MethodSpec:
     # tensor is one row); None — the method needs whole tensors. Random methods stream too: within one tensor
     # the engine hands every block the same generator per salt, so the blocks consume one stream in order.
     streaming: Callable[[Mapping[str, Any]], str | None] | None = None
+    # Its kernels are short element-wise passes (and selections, sorts): the engine runs them on one torch
+    # thread, as it does every streaming method — no OpenMP fork-join per pass, whose every kernel waits for
+    # the slowest thread when the cores are shared. Methods dominated by matrix products or SVDs leave it off.
+    one_thread: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def stream_mode(self, params: Mapping[str, Any]) -> str | None:
@@ -119,6 +123,7 @@ def register(
     reference: str = "",
     uses_weights: bool = False,
     streaming: str | Callable[[Mapping[str, Any]], str | None] | None = None,
+    one_thread: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` under its own name. ``checks`` maps a parameter to a function returning a problem
     string (or None) — e.g. ``{"density": in_range(0, 1, low_open=True)}``. ``streaming`` is a mode
@@ -163,6 +168,7 @@ def register(
             summary=doc.splitlines()[0] if doc else "",
             uses_weights=uses_weights,
             streaming=streaming,
+            one_thread=one_thread or streaming is not None,
         )
         return fn
 

@@ -407,7 +407,16 @@ def _output(run: _Run, task: TensorTask, inputs: SharedInputs, memo: dict) -> to
 
 
 def _whole_tensor(name: str, runs: Sequence[_Run], inputs: SharedInputs) -> tuple[int, float]:
-    """Every run's output of tensor ``name`` from whole-tensor inputs; (bytes written, runs' own seconds)."""
+    """Every run's output of tensor ``name`` from whole-tensor inputs; (bytes written, runs' own seconds).
+    On one torch thread when every method merging it says so (``MethodSpec.one_thread``)."""
+    tasks = [run.tasks[name] for run in runs]
+    if tasks and all(t.action == "keep" or get_method(t.method).one_thread for t in tasks):
+        with one_intra_op_thread():
+            return _whole_tensor_runs(name, runs, inputs)
+    return _whole_tensor_runs(name, runs, inputs)
+
+
+def _whole_tensor_runs(name: str, runs: Sequence[_Run], inputs: SharedInputs) -> tuple[int, float]:
     memo: dict = {}
     written = 0
     own = 0.0

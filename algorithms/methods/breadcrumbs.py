@@ -21,7 +21,7 @@ from ..sparsify import magnitude_outliers
 __all__ = ["breadcrumbs"]
 
 
-@register(uses_weights=True, checks={"density": in_range(0, 1, low_open=True), "gamma": in_range(0, 1, high_open=True)},
+@register(uses_weights=True, one_thread=True, checks={"density": in_range(0, 1, low_open=True), "gamma": in_range(0, 1, high_open=True)},
           reference="Davari & Belilovsky 2023, arXiv 2312.06795; mergekit 'breadcrumbs'")
 def breadcrumbs(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
                 weights: Sequence[float] | None = None, density: float = 0.9, gamma: float = 0.01,

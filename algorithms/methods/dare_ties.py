@@ -26,7 +26,7 @@ from .dare_linear import dare_deltas
 __all__ = ["dare_ties"]
 
 
-@register(uses_weights=True, random=True,
+@register(uses_weights=True, random=True, one_thread=True,
           checks={"p": in_range(0, 1, high_open=True), "density": in_range(0, 1, low_open=True)},
           reference="Yu et al. 2024, arXiv 2311.03099 + Yadav et al. 2023, arXiv 2306.01708; mergekit 'dare_ties'")
 def dare_ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,

@@ -29,7 +29,7 @@ def _streaming(params: Mapping[str, Any]) -> str | None:
     return None if params.get("consensus", True) else "rows"
 
 
-@register(uses_weights=True, random=True, streaming=_streaming,
+@register(uses_weights=True, random=True, streaming=_streaming, one_thread=True,
           checks={"density": in_range(0, 1, low_open=True), "epsilon": in_range(0, 0.5)},
           reference="Deep et al. 2024, arXiv 2406.11617; mergekit 'della'")
 def della(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weights: Sequence[float] | None = None,

@@ -78,7 +78,7 @@ def ties_thresholds(deltas: Sequence[torch.Tensor], *, ctx: MergeContext, densit
     return out
 
 
-@register(uses_weights=True, prepass=_prepass,
+@register(uses_weights=True, prepass=_prepass, one_thread=True,
           checks={"density": in_range(0, 1, low_open=True), "scope": one_of("tensor", "model")},
           reference="Yadav et al. 2023, arXiv 2306.01708; mergekit 'ties'")
 def ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weights: Sequence[float] | None = None,
