@@ -74,6 +74,8 @@ _BY_TORCH: dict[torch.dtype, str] = {d.torch: d.name for d in DTYPES.values()}
 
 # A header larger than this is not a real checkpoint (safetensors itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+# A background ShardWriter flushes its file to disk after this many bytes (see ShardWriter).
+SYNC_EVERY_BYTES = 128 << 20
 # Data bytes per file that go into its digest: cheap, and catches most rewrites with an unchanged layout.
 SAMPLE_BYTES = 64 * 1024
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -621,7 +623,8 @@ class ShardWriter:
     give the same bytes.
 
     With ``background=True`` a thread does the file writes and the sha256 (both release the GIL), so they
-    overlap the caller's compute; at most ``queue_blocks`` handed-over blocks wait for it. The tensors
+    overlap the caller's compute, and (with ``fsync``) flushes to disk every :data:`SYNC_EVERY_BYTES`, so
+    little is left for the final fsync; at most ``queue_blocks`` handed-over blocks wait for it. The tensors
     handed over must not be modified afterwards (the engine hands over fresh casts). Errors of the thread
     surface at the next call.
 
@@ -670,6 +673,7 @@ class ShardWriter:
         self._f = open(self.path, "wb")
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self._unsynced = 0
         self._error: BaseException | None = None
         if background:
             self._queue = queue.Queue(maxsize=max(1, queue_blocks))
@@ -680,6 +684,12 @@ class ShardWriter:
     def _put(self, data: bytes | memoryview) -> None:
         self._f.write(data)
         self._sha.update(data)
+        if self._thread is not None and self._fsync:
+            self._unsynced += len(data) if isinstance(data, bytes) else data.nbytes
+            if self._unsynced >= SYNC_EVERY_BYTES:  # on the writer's thread: the disk works while we compute
+                self._f.flush()
+                os.fdatasync(self._f.fileno())
+                self._unsynced = 0
 
     def _drain(self) -> None:
         while True:

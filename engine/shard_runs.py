@@ -545,6 +545,7 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
             run.open()
         except Exception as exc:  # noqa: BLE001 - reported per run
             run.fail(exc, "")
+    row_stream.keep_freed_memory()
     inputs = SharedInputs(base, pool, device)
     own = 0.0
     block_elements = block_elements or row_stream.BLOCK_ELEMENTS
