@@ -185,12 +185,11 @@ class SharedInputs:
         expert = self.pool[i]
         source = self.source_of(name, i)
         if source is not None:
-            # θᵢ − θ₀ in one subtraction from the stored dtype (its float32 value is exact: the bits of
-            # converting first). θ₀ is finite (checked), so a non-finite τᵢ means a NaN/Inf in θᵢ or an
-            # overflow of finite values; one sum tells, and only then is θᵢ itself checked.
+            # θ₀ is finite (checked), so a non-finite τᵢ means a NaN/Inf in θᵢ or an overflow of finite values;
+            # one sum tells, and only then is θᵢ itself checked.
             t = source[0].read(source[1])
             self._count(t)
-            d = torch.sub(t.to(self.device), base32)
+            d = t.to(self.device, torch.float32).sub_(base32)
             if not (bool(torch.isfinite(d.sum())) or bool(torch.isfinite(d).all())):
                 check_finite(t, name, self.where(name, i))
             return d
