@@ -2,8 +2,9 @@
 
 ``omnimerge modality RECIPE -o OUT`` writes ``OUT/models/<name>/`` (each model's own architecture carrying the
 merged LLM) and ``OUT/omni/`` (the bundle). With ``--eval-suite`` each merged model and its unmerged source are
-evaluated side by side on that model's own tasks through :func:`omnimerge.cluster.evaluate.evaluate_models`
-(Ray by default, ``--executor local`` in-process), one results directory and one report per model.
+evaluated side by side on that model's own suite (image tasks for the image model, video tasks for the video
+model, ...) through :func:`omnimerge.cluster.evaluate.evaluate_model_suites`: one dispatch (Ray by default,
+``--executor local`` in-process), one results directory, a report of every model and one per modality.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["register", "evaluate_modality", "modality_eval_entries"]
+__all__ = ["register", "evaluate_modality", "modality_eval_entries", "ALL_MODELS"]
 
 log = logging.getLogger(__name__)
 
@@ -99,35 +100,50 @@ def modality_eval_entries(out_dir: str | Path, model_name: str) -> list[Any]:
     return entries
 
 
+ALL_MODELS = "*"  # key of the report of every model in evaluate_modality's answer (model names cannot hold '*')
+
+
 def evaluate_modality(out_dir: str | Path, suites: Mapping[str, Any], *, results_dir: str | Path,
                       data_root: str | Path | None = None, executor: str = "ray", address: str | None = "local",
                       options: Any = None, skip_missing: bool = False) -> dict[str, Path]:
-    """Evaluate each merged modality model beside its unmerged source, on that model's own suite.
+    """Evaluate each merged modality model beside its unmerged source, each on its own modality's suite.
+
+    Every model runs in one dispatch (:func:`omnimerge.cluster.evaluate.evaluate_model_suites`: on a cluster the
+    models of all modalities run in parallel) into one results directory. A task that feeds an input a model
+    cannot take (a video task given to the image model) is refused before anything is loaded.
 
     Args:
         out_dir: a modality merge output (``models/`` and ``omni/``).
         suites: model name → suite (a ``Suite``, a built-in name, or a suite file).
-        results_dir: results go to ``results_dir/<model>/`` (``results.parquet``, predictions, ``report.md``).
+        results_dir: ``results.parquet`` and ``predictions/`` of every model; ``report.md`` / ``report.png`` of
+            every model (a model has scores in its own suite's columns only); ``<name>/report.md`` / ``.png``
+            of one modality's merged and unmerged model.
         data_root: folder the suites' relative data paths live under.
         executor / address / options / skip_missing: as :func:`omnimerge.cluster.evaluate.evaluate_models`.
 
     Returns:
-        model name → its ``report.md``.
+        model name → its ``report.md``, and ``ALL_MODELS`` (``"*"``) → the report of every model.
     """
     from omnimerge.engine.evaluation.evaluator import EvalOptions
     from omnimerge.engine.evaluation.report import write_report
+    from omnimerge.engine.evaluation.suites import Suite, load_suite
 
-    from .evaluate import evaluate_models
+    from .evaluate import evaluate_model_suites
 
-    reports: dict[str, Path] = {}
-    for name, suite in suites.items():
-        entries = modality_eval_entries(out_dir, name)
-        results = Path(results_dir) / name
-        evaluate_models(entries, suite, data_root=data_root, results_dir=results, address=address, executor=executor,
-                        options=options or EvalOptions(), skip_missing=skip_missing)
-        md, _ = write_report(results, suite=suite if not isinstance(suite, str) else None,
-                             title=f"Modality model '{name}': merged vs unmerged")
-        reports[name] = md
+    loaded = {name: load_suite(suite) for name, suite in suites.items()}
+    entries = {name: modality_eval_entries(out_dir, name) for name in loaded}
+    jobs = [(entry, loaded[name]) for name in loaded for entry in entries[name]]
+    results = Path(results_dir)
+    evaluate_model_suites(jobs, data_root=data_root, results_dir=results, address=address, executor=executor,
+                          options=options or EvalOptions(), skip_missing=skip_missing)  # fmt: skip
+    tasks = {t.name: t for suite in loaded.values() for t in suite.tasks}
+    every = Suite("modality", tuple(tasks.values()))
+    md, _ = write_report(results, suite=every, title="Modality models: merged vs unmerged, each on its own tasks",
+                         models=[e.name for name in loaded for e in entries[name]])  # fmt: skip
+    reports: dict[str, Path] = {ALL_MODELS: md}
+    for name, suite in loaded.items():
+        reports[name], _ = write_report(results, results / name, suite=suite, models=[e.name for e in entries[name]],
+                                        title=f"Modality model '{name}': merged vs unmerged")  # fmt: skip
     return reports
 
 
@@ -158,7 +174,8 @@ def _modality(args: argparse.Namespace) -> int:
                                     data_root=args.data_root, executor=args.executor, address=args.address,
                                     options=options, skip_missing=args.skip_missing)
         for name, md in reports.items():
-            print(f"report '{name}': {md}", file=sys.stderr)
+            label = "every model" if name == ALL_MODELS else f"'{name}'"
+            print(f"report {label}: {md}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,11 @@ models run in parallel. A worker process that dies is retried by Ray (``max_retr
 tasks its predecessor finished. The driver folds finished tasks into ``results.parquet``, and a rerun skips
 the (model, task) pairs already scored.
 
+Each model may have its own suite (:func:`evaluate_model_suites`; a modality merge gives the image model image
+tasks, the video model video tasks, ...); they all run in one dispatch into one results directory. Before
+anything is loaded, every task's data is checked, and every (model, task) pair whose task feeds an input the
+model's ``config.json`` shows it cannot take (video to LLaVA, images to Qwen2-Audio) is refused, all together.
+
 Fault injection for tests: when ``OMNIMERGE_EVAL_FAULT_FILE`` names an existing file whose text is a model
 name, the worker of that model deletes the file and kills its own process (``os._exit``) right after
 recording its first task -- a real process death, once.
@@ -24,10 +29,11 @@ from typing import Any, Callable, Sequence
 from omnimerge.engine.errors import EvaluationError
 from omnimerge.engine.evaluation.data import check_suite_data
 from omnimerge.engine.evaluation.evaluator import EvalOptions, evaluate_model
+from omnimerge.engine.evaluation.modalities import MODALITY_FIX, modality_problems
 from omnimerge.engine.evaluation.results import ModelEntry, ResultsStore, model_entry
 from omnimerge.engine.evaluation.suites import Suite, TaskSpec, load_suite
 
-__all__ = ["EvalProgress", "plan_evaluation", "evaluate_models", "FAULT_ENV"]
+__all__ = ["EvalProgress", "plan_evaluation", "evaluate_models", "evaluate_model_suites", "FAULT_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +114,15 @@ def _count_done(store: ResultsStore, planned: set[tuple[str, str]]) -> int:
     return len(planned & store.scored_pairs())
 
 
-def _run_local(plan: list[tuple[ModelEntry, list[TaskSpec]]], data_root: str | None, store: ResultsStore,
-               options: EvalOptions, suite_name: str, backend: str,
+# One model's unit of work: the model, its pending tasks, and the name of the suite they come from.
+_Job = tuple[ModelEntry, list[TaskSpec], str]
+
+
+def _run_local(plan: list[_Job], data_root: str | None, store: ResultsStore, options: EvalOptions, backend: str,
                report: Callable[[int, int], None]) -> list[str]:  # fmt: skip
     failures = []
     done = 0
-    for entry, tasks in plan:
+    for entry, tasks, suite_name in plan:
         report(done, 1)
 
         def task_done(model: str, task: str) -> None:
@@ -129,9 +138,9 @@ def _run_local(plan: list[tuple[ModelEntry, list[TaskSpec]]], data_root: str | N
     return failures
 
 
-def _run_ray(plan: list[tuple[ModelEntry, list[TaskSpec]]], data_root: str | None, store: ResultsStore,
-             options: EvalOptions, suite_name: str, backend: str, address: str | None, max_retries: int,
-             report: Callable[[int, int], None], planned: set[tuple[str, str]]) -> list[str]:  # fmt: skip
+def _run_ray(plan: list[_Job], data_root: str | None, store: ResultsStore, options: EvalOptions, backend: str,
+             address: str | None, max_retries: int, report: Callable[[int, int], None],
+             planned: set[tuple[str, str]]) -> list[str]:  # fmt: skip
     import ray
 
     started_here = not ray.is_initialized()
@@ -143,7 +152,7 @@ def _run_ray(plan: list[tuple[ModelEntry, list[TaskSpec]]], data_root: str | Non
         remote = ray.remote(_ray_worker).options(max_retries=max_retries, retry_exceptions=False, **resources)
         refs = {
             remote.remote(entry, tasks, data_root, str(store.root), options, suite_name, backend): entry
-            for entry, tasks in plan
+            for entry, tasks, suite_name in plan
         }
         logger.info("dispatched %d model(s) on Ray (%s per model)", len(refs), "1 GPU" if gpus else "1 CPU")
         failures = []
@@ -160,6 +169,22 @@ def _run_ray(plan: list[tuple[ModelEntry, list[TaskSpec]]], data_root: str | Non
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _runnable(suite: Suite, data_root: str | Path | None, skip_missing: bool) -> Suite:
+    """The suite's tasks that have their data; refuses missing data unless ``skip_missing``."""
+    missing = check_suite_data(suite, data_root)
+    if missing and not skip_missing:
+        lines = "\n".join(f"  - {m}" for m in missing)
+        raise EvaluationError(
+            f"Suite '{suite.name}' cannot run: data is missing under {data_root}:\n{lines}\n"
+            "Fix these, or pass skip_missing (--skip-missing) to run the tasks that have their data."
+        )
+    if not missing:
+        return suite
+    runnable = [t for t in suite.tasks if not any(m.startswith(f"task '{t.name}'") for m in missing)]
+    logger.warning("skipping %d task(s) without data: %s", len(missing), "; ".join(missing))
+    return Suite(suite.name, tuple(runnable), suite.description, suite.source)
 
 
 def evaluate_models(
@@ -196,35 +221,70 @@ def evaluate_models(
         The whole ``results.parquet`` table (``pyarrow.Table``), old rows included.
 
     Raises:
-        EvaluationError: Missing data (without ``skip_missing``), an unknown executor or backend, or models that
-            failed (after the others finished and were recorded).
+        EvaluationError: Missing data (without ``skip_missing``), a task feeding an input a model cannot take, an
+            unknown executor or backend, or models that failed (after the others finished and were recorded).
+    """
+    suite = load_suite(suite)
+    return evaluate_model_suites([(m, suite) for m in models], data_root=data_root, results_dir=results_dir,
+                                 address=address, executor=executor, options=options, backend=backend,
+                                 skip_missing=skip_missing, max_retries=max_retries, progress=progress)  # fmt: skip
+
+
+def evaluate_model_suites(
+    jobs: Sequence[tuple[ModelEntry | str | Path, Suite | str | Path]],
+    *,
+    data_root: str | Path | None = None,
+    results_dir: str | Path,
+    address: str | None = "local",
+    executor: str = "ray",
+    options: EvalOptions = EvalOptions(),
+    backend: str = "builtin",
+    skip_missing: bool = False,
+    max_retries: int = 2,
+    progress: Callable[[EvalProgress], None] | None = None,
+) -> Any:
+    """Evaluate each model on its own suite, all in one dispatch, into one results directory.
+
+    Args:
+        jobs: ``(model, suite)`` pairs; a model is a ``ModelEntry`` or a ``PATH`` / ``NAME=PATH`` spec, a suite a
+            ``Suite``, a built-in suite name or a suite file. Model names must be unique.
+        data_root, results_dir, address, executor, options, backend, skip_missing, max_retries, progress: as
+            :func:`evaluate_models`.
+
+    Returns:
+        The whole ``results.parquet`` table (``pyarrow.Table``), old rows included.
+
+    Raises:
+        EvaluationError: As :func:`evaluate_models`; modality problems list every (model, task) pair at once.
     """
     if executor not in ("ray", "local"):
         raise EvaluationError(f"Unknown executor '{executor}'; use 'ray' or 'local'.")
     if backend not in _BACKENDS:
         raise EvaluationError(f"Unknown evaluation backend '{backend}'; use one of {', '.join(_BACKENDS)}.")
-    suite = load_suite(suite)
-    entries = [model_entry(m) for m in models]
+    entries = [model_entry(m) for m, _ in jobs]
     names = [e.name for e in entries]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise EvaluationError(f"Model names must be unique; {', '.join(duplicates)} repeat. Name them NAME=PATH.")
-    if backend == "builtin":
-        missing = check_suite_data(suite, data_root)
-        if missing and not skip_missing:
-            lines = "\n".join(f"  - {m}" for m in missing)
-            raise EvaluationError(
-                f"Suite '{suite.name}' cannot run: data is missing under {data_root}:\n{lines}\n"
-                "Fix these, or pass skip_missing (--skip-missing) to run the tasks that have their data."
-            )
-        if missing:
-            runnable = [t for t in suite.tasks if not any(m.startswith(f"task '{t.name}'") for m in missing)]
-            logger.warning("skipping %d task(s) without data: %s", len(missing), "; ".join(missing))
-            suite = Suite(suite.name, tuple(runnable), suite.description, suite.source)
+    loaded: dict[int, Suite] = {}  # one check per suite object, however many models share it
+    suites = []
+    for _, suite in jobs:
+        key = id(suite)
+        if key not in loaded:
+            loaded[key] = load_suite(suite)
+            if backend == "builtin":
+                loaded[key] = _runnable(loaded[key], data_root, skip_missing)
+        suites.append(loaded[key])
+    problems = modality_problems(zip(entries, [s.tasks for s in suites]))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise EvaluationError(f"{len(problems)} (model, task) pair(s) feed an input the model cannot take:\n{lines}\n"
+                              f"{MODALITY_FIX}")  # fmt: skip
     store = ResultsStore(results_dir)
     store.commit()  # fold in tasks a crashed run finished
-    plan = plan_evaluation(entries, suite, store)
-    planned = {(e.name, t.name) for e, tasks in plan for t in tasks}
+    plan: list[_Job] = [(entry, tasks, suite.name) for entry, suite in zip(entries, suites)
+                        for _, tasks in plan_evaluation([entry], suite, store)]  # fmt: skip
+    planned = {(e.name, t.name) for e, tasks, _ in plan for t in tasks}
     started = time.perf_counter()
 
     def report(done: int, running: int) -> None:
@@ -232,13 +292,14 @@ def evaluate_models(
         (progress or (lambda s: logger.info(s.line())))(state)
 
     if not plan:
-        logger.info("every (model, task) pair of suite '%s' is already scored in %s", suite.name, store.root)
+        suite_names = ", ".join(dict.fromkeys(s.name for s in suites))
+        logger.info("every (model, task) pair of suite(s) %s is already scored in %s", suite_names, store.root)
         return store.read()
     root = None if data_root is None else str(Path(data_root).expanduser())
     if executor == "local":
-        failures = _run_local(plan, root, store, options, suite.name, backend, report)
+        failures = _run_local(plan, root, store, options, backend, report)
     else:
-        failures = _run_ray(plan, root, store, options, suite.name, backend, address, max_retries, report, planned)
+        failures = _run_ray(plan, root, store, options, backend, address, max_retries, report, planned)
     table = store.commit()
     if failures:
         lines = "\n".join(f"  - {f}" for f in failures)

@@ -428,10 +428,11 @@ def test_cli_merges_then_evaluates_each_model_beside_its_source(zoo: Path, tmp_p
                      "local", "--batch-size", "2"]) == 0
     import pyarrow.parquet as pq
 
+    table = pq.read_table(out / "eval" / "results.parquet").to_pylist()  # Video-LLaVA takes images too
+    assert sorted((r["model"], r["role"], r["task"], r["samples"]) for r in table) == [
+        (f"{name}-{kind}", role, "shapes", 2) for name in ("image", "video")
+        for kind, role in (("merged", "merged"), ("source", "expert"))]  # fmt: skip
     for name in ("image", "video"):
-        table = pq.read_table(out / "eval" / name / "results.parquet").to_pylist()
-        assert sorted((r["model"], r["role"], r["task"], r["samples"]) for r in table) == [
-            (f"{name}-merged", "merged", "shapes", 2), (f"{name}-source", "expert", "shapes", 2)]
         report = (out / "eval" / name / "report.md").read_text()
         assert f"{name}-merged" in report and f"{name}-source" in report
     assert _run_cli(["omni-assemble", str(out / "omni"), "video", "-o", str(tmp_path / "video")]) == 0

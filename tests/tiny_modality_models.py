@@ -4,8 +4,10 @@ A tiny LLaMA (hidden 64, 2 layers, 4 heads / 2 KV, vocabulary 128) is the shared
 tower) and a tiny Video-LLaVA (CLIP image and video towers); a tiny Qwen2 LLM of the same size is shared by a tiny
 Qwen2-VL and a tiny Qwen2-Audio (Whisper-style encoder). Each modality model is built from its ``transformers``
 config, its LLM weights are copied from the shared LLM checkpoint, its encoder and connector are random (seeded),
-and it is saved with ``save_pretrained`` — so the files carry the names ``transformers`` 5 really writes. The
-LLaVA-family models also get a word-level tokenizer, a processor and a chat template, so the evaluator can run them.
+and it is saved with ``save_pretrained`` — so the files carry the names ``transformers`` 5 really writes. Every
+model also gets a word-level tokenizer, its family's processor files and a chat template, so the evaluator can
+run it: CLIP image processor (LLaVA, Video-LLaVA), Qwen2-VL image processor pinned to 56×56 pixels (4 image
+tokens), Whisper feature extractor with 16 mel bins and 1 s windows (≤ 100 frames → ≤ 25 audio tokens).
 """
 
 from __future__ import annotations
@@ -16,17 +18,34 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["TEXT", "build_llama_llm", "build_llava_on", "build_video_llava_on", "build_qwen2_llm",
-           "build_qwen2vl_on", "build_qwen2audio_on", "make_lora", "IMAGE_TOKEN_ID", "VIDEO_TOKEN_ID"]
+           "build_qwen2vl_on", "build_qwen2audio_on", "make_lora", "IMAGE_TOKEN_ID", "VIDEO_TOKEN_ID",
+           "AUDIO_TOKEN_ID", "AUDIO_SAMPLING_RATE"]
 
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
               patch_size=14, projection_dim=32)
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, AUDIO_TOKEN_ID = 120, 121, 122
+VISION_START_ID, VISION_END_ID, AUDIO_BOS_ID, AUDIO_EOS_ID = 123, 124, 125, 126
+AUDIO_SAMPLING_RATE = 16000
 _SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|pad|>", "<unk>"]  # ids 0-3: bos, eos, pad, unk as in TEXT
 _WORDS = ("USER ASSISTANT : ? . , what colour is the circle how many there a red square in top left of image shape "
           "which bar tallest number written blue green yellow 0 1 2 3 4 5 6 7 8 9 yes no one two three sound video "
-          "answer question using single word or phrase").split()
+          "answer question using single word or phrase "
+          # appended later (earlier ids unchanged): the synthetic video / audio tasks' words
+          "high low tone pitch beeps hear do you does appears move moves direction right up down").split()
+# Qwen2-Audio's own default chat template (transformers' Qwen2AudioProcessor.default_chat_template).
+QWEN2_AUDIO_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != "
+    "'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}{% if 'audio' in content or 'audio_url' in content or "
+    "message['type'] == 'audio' or content['type'] == 'audio' %}"
+    "{% set audio_count.value = audio_count.value + 1 %}Audio {{ audio_count.value }}: "
+    "<|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | upper }} : "
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
@@ -101,6 +120,27 @@ def _tokenizer() -> Any:
     return tok
 
 
+def _qwen_tokenizer(chat_template: str) -> Any:
+    """A word-level tokenizer with Qwen2-VL's and Qwen2-Audio's special tokens at ids 120-127."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_QWEN_SPECIALS + _WORDS)}
+    assert len(vocab) <= IMAGE_TOKEN_ID
+    added = {"<|image_pad|>": IMAGE_TOKEN_ID, "<|video_pad|>": VIDEO_TOKEN_ID, "<|AUDIO|>": AUDIO_TOKEN_ID,
+             "<|vision_start|>": VISION_START_ID, "<|vision_end|>": VISION_END_ID, "<|audio_bos|>": AUDIO_BOS_ID,
+             "<|audio_eos|>": AUDIO_EOS_ID, "<|im_start|>": 127}
+    vocab.update(added)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.add_special_tokens([AddedToken(t, special=True) for t in (*added, *_QWEN_SPECIALS)])
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|pad|>", unk_token="<unk>")
+    tok.chat_template = chat_template
+    return tok
+
+
 def _image_processor(cls_name: str = "CLIPImageProcessorPil") -> Any:
     import transformers
 
@@ -164,27 +204,41 @@ def build_video_llava_on(llm_dir: Path | str, out_dir: Path | str, *, seed: int 
     return out
 
 
-def build_qwen2vl_on(llm_dir: Path | str, out_dir: Path | str, *, seed: int = 3,
-                     max_shard_size: str | int = "40KB") -> Path:
-    """A tiny ``Qwen2VLForConditionalGeneration`` whose text model is ``llm_dir``'s Qwen2 (vision tower random)."""
+def build_qwen2vl_on(llm_dir: Path | str, out_dir: Path | str, *, seed: int = 3, max_shard_size: str | int = "40KB",
+                     with_processor: bool = True) -> Path:
+    """A tiny ``Qwen2VLForConditionalGeneration`` whose text model is ``llm_dir``'s Qwen2 (vision tower random).
+
+    Its processor files are the tokenizer, Qwen2-VL's image processor (56×56 pixels) and Qwen2-VL's chat template;
+    ``Qwen2VLProcessor`` itself needs torchvision, so the evaluator builds it from these without a video processor.
+    """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     text = {**TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
     config = Qwen2VLConfig(text_config=text, vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64,
                                                             "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
                                                             "spatial_merge_size": 2, "temporal_patch_size": 2},
-                           image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=123,
-                           vision_end_token_id=124, tie_word_embeddings=False)
+                           image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
+                           vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
+                           tie_word_embeddings=False)
     _seeded(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
     _copy_llm(model, Path(llm_dir))
-    return _save(model, Path(out_dir), max_shard_size)
+    out = _save(model, Path(out_dir), max_shard_size)
+    if with_processor:
+        from omnimerge.benchmarks.zoo.modeling import CHAT_TEMPLATE as QWEN2_VL_CHAT_TEMPLATE
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        _qwen_tokenizer(QWEN2_VL_CHAT_TEMPLATE).save_pretrained(out)
+        Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56).save_pretrained(out)
+        (out / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    return out
 
 
-def build_qwen2audio_on(llm_dir: Path | str, out_dir: Path | str, *, seed: int = 4,
-                        max_shard_size: str | int = "40KB") -> Path:
+def build_qwen2audio_on(llm_dir: Path | str, out_dir: Path | str, *, seed: int = 4, max_shard_size: str | int = "40KB",
+                        with_processor: bool = True) -> Path:
     """A tiny ``Qwen2AudioForConditionalGeneration`` whose LLM is ``llm_dir``'s Qwen2 (audio encoder random:
-    16 mel bins, 2 layers, d_model 32, 50 positions → 25 audio tokens for 100 frames)."""
+    16 mel bins, 2 layers, d_model 32, 50 positions → 25 audio tokens for 100 frames), with a real
+    ``Qwen2AudioProcessor`` (Whisper feature extractor: 16 kHz, hop 160, 1 s windows → 100 frames)."""
     from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration, Qwen2Config
 
     audio = Qwen2AudioEncoderConfig(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
@@ -194,7 +248,16 @@ def build_qwen2audio_on(llm_dir: Path | str, out_dir: Path | str, *, seed: int =
     _seeded(seed)
     model = Qwen2AudioForConditionalGeneration(config).eval()
     _copy_llm(model, Path(llm_dir))
-    return _save(model, Path(out_dir), max_shard_size)
+    out = _save(model, Path(out_dir), max_shard_size)
+    if with_processor:
+        from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+
+        extractor = WhisperFeatureExtractor(feature_size=16, sampling_rate=AUDIO_SAMPLING_RATE, hop_length=160,
+                                            chunk_length=1, n_fft=400)
+        Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=_qwen_tokenizer(QWEN2_AUDIO_CHAT_TEMPLATE),
+                            chat_template=QWEN2_AUDIO_CHAT_TEMPLATE).save_pretrained(out)
+        (out / "chat_template.jinja").write_text(QWEN2_AUDIO_CHAT_TEMPLATE)
+    return out
 
 
 def make_lora(model_dir: Path | str, out_dir: Path | str, *, seed: int, r: int = 4, alpha: int = 8,

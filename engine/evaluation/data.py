@@ -9,20 +9,23 @@ public toolkits' Hugging Face datasets:
    pyarrow, ``datasets`` is not needed);
 4. ``D/S.jsonl``.
 
-Rows become :class:`Sample` objects through the task's column mapping (``suites.TaskSpec``). Images may be an
-HF Image struct ``{bytes, path}``, raw bytes, or a path relative to the data file.
+Rows become :class:`Sample` objects through the task's column mapping (``suites.TaskSpec``). The input the
+task's ``modality`` names is read from its field: ``image`` (an HF Image struct ``{bytes, path}``, raw bytes, or a
+path relative to the data file), ``video`` (a list of such frames, or a folder of frame images) or ``audio`` (WAV
+bytes or file, or a float array with its sampling rate); ``media`` lists every accepted value.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from omnimerge.engine.errors import EvaluationError
 
+from .media import Audio, audio_clip, image_bytes, video_frames
 from .suites import CANONICAL_FIELDS, Suite, TaskSpec
 
 __all__ = ["Sample", "DataFiles", "find_data_files", "check_task_data", "check_suite_data", "iter_samples"]
@@ -32,7 +35,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
-    """One evaluation item in canonical form (``width``/``height`` may be filled from the image later)."""
+    """One evaluation item in canonical form (``width``/``height`` may be filled from the image later).
+
+    ``video`` holds a video task's frames (encoded images, in order), ``audio`` an audio task's waveform.
+    """
 
     question_id: str
     question: str
@@ -43,6 +49,8 @@ class Sample:
     width: float | None = None
     height: float | None = None
     category: str | None = None
+    video: tuple[bytes, ...] | None = None
+    audio: Audio | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ def _required_fields(task: TaskSpec) -> list[str]:
     from .metrics import get_metric
 
     needs = [n for n in get_metric(task.metric).needs if n not in ("width", "height")]
-    fields = ["image", "question", *needs]
+    fields = [task.modality, "question", *needs]
     return fields + [f for f in task.columns if f not in fields]
 
 
@@ -212,24 +220,6 @@ def _as_strings(value: Any) -> tuple[str, ...]:
     return (str(value),)
 
 
-def _image_bytes(value: Any, base: Path) -> bytes | None:
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return bytes(value["bytes"])
-        value = value.get("path")
-        if not value:
-            return None
-    path = Path(str(value))
-    path = path if path.is_absolute() else base / path
-    if not path.is_file():
-        raise EvaluationError(f"Image file '{path}' named in the data under {base} does not exist; copy the images.")
-    return path.read_bytes()
-
-
 def _matches(value: Any, flt: dict[str, Any]) -> bool:
     text = "" if value is None else str(value)
     if "equals" in flt:
@@ -246,15 +236,23 @@ def _load_images(task: TaskSpec, data_root: str | Path | None) -> dict[str, byte
 
 def _row_samples(task: TaskSpec, row: dict[str, Any], index: int, base: Path, images: dict | None) -> list[Sample]:
     get = lambda name: _lookup(row, task.column(name))  # noqa: E731
-    if images is not None:
-        image = images.get(str(_lookup(row, task.images_from["key"])))
-    else:
-        image = _image_bytes(get("image"), base)
     qid = get("question_id")
     qid = str(index) if qid is None else str(qid)
+    where = f"sample '{qid}' of task '{task.name}'"
+    image = video = audio = None
+    if task.modality == "video":
+        video = video_frames(get("video"), base, where)
+    elif task.modality == "audio":
+        audio = audio_clip(get("audio"), base, where, get("sampling_rate"))
+    elif images is not None:
+        image = images.get(str(_lookup(row, task.images_from["key"])))
+    else:
+        image = image_bytes(get("image"), base)
     bbox = get("bbox")
     common = dict(
         image=image,
+        video=video,
+        audio=audio,
         choices=_as_strings(get("choices")),
         bbox=tuple(float(v) for v in bbox) if bbox is not None else None,
         width=float(get("width")) if get("width") is not None else None,

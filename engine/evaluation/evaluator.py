@@ -6,13 +6,17 @@ therefore sets every decoding setting itself -- greedy, one beam, no repetition 
 ``max_new_tokens`` -- and records them beside the scores (EVALUATION.md, Generation). Prompts go through the
 model's chat template; batches are left-padded so every row's generation starts at the same column.
 
+A task feeds one modality (``TaskSpec.modality``): an image, a video (frames sampled evenly to the task's
+``num_frames``, passed as ``videos=``) or an audio clip (resampled to the feature extractor's rate, passed as
+``audio=`` with ``sampling_rate=``), each through the model's own processor. A task whose modality the model
+cannot take is refused before any sample is read (``modalities``).
+
 Each sample's prompt, prediction, references and score are saved, so :func:`rescore_predictions` can
 recompute any task's value from the predictions file alone.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +28,7 @@ from omnimerge.engine.errors import EvaluationError
 from .answers import LETTERS
 from .data import Sample, iter_samples
 from .loading import box_format_for, load_model_and_processor
+from .media import prepare_sample_media
 from .metrics import Reference, get_metric
 from .results import ModelEntry, ResultsStore, read_predictions, result_row
 from .suites import TaskSpec
@@ -155,14 +160,76 @@ class Evaluator:
         return {**GREEDY, "max_new_tokens": int(max_new_tokens), "eos_token_id": base.eos_token_id,
                 "pad_token_id": pad}  # fmt: skip
 
-    def generate(
-        self, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int
-    ) -> tuple[list[str], list[Any]]:
-        """Answer a batch of (prompt, image) pairs greedily.
+    @property
+    def sampling_rate(self) -> int | None:
+        """The audio rate the processor's feature extractor takes (``None``: the model takes no audio)."""
+        processor = self.processor
+        extractor = getattr(processor, "feature_extractor", None) or getattr(processor, "audio_processor", None)
+        rate = getattr(extractor, "sampling_rate", None)
+        return int(rate) if rate else None
+
+    def _chat_text(self, prompt: str, image: Any, video: Any, audio: Any) -> str:
+        content: list[dict[str, Any]] = [{"type": "image"}] if image is not None else []
+        if video is not None:
+            content.append({"type": "video"})
+        if audio is not None:  # Qwen2-Audio-Instruct's template tests for an 'audio' key, not the type
+            content.append({"type": "audio", "audio": "<waveform>"})
+        content.append({"type": "text", "text": prompt})
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)  # fmt: skip
+        for kind, given in (("video", video), ("audio", audio)):
+            token = getattr(self.processor, f"{kind}_token", None)
+            if given is not None and token and token not in text:
+                raise EvaluationError(
+                    f"The chat template of model '{self.model_path}' wrote no {kind} placeholder ('{token}') for a "
+                    f"{{'type': '{kind}'}} message part; save the model's own chat template with it."
+                )
+        return text
+
+    def model_inputs(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any],
+        *,
+        videos: Sequence[Any] | None = None,
+        audios: Sequence[Any] | None = None,
+    ) -> Any:
+        """The processor's output for a batch: chat-templated, left-padded texts with each sample's media.
 
         Args:
             prompts: User texts.
-            images: PIL images, one per prompt (``None`` for a text-only sample).
+            images: PIL images, one per prompt (``None`` for a sample without one).
+            videos: Per prompt, a video as a list of PIL frames (``None``: no video); passed as ``videos=``.
+            audios: Per prompt, a mono float32 waveform at :attr:`sampling_rate` (``None``: no audio); passed as
+                ``audio=`` with ``sampling_rate=``.
+
+        Returns:
+            The ``BatchFeature`` (on the CPU): ``input_ids``, ``attention_mask`` and the media tensors.
+        """
+        videos = list(videos) if videos is not None else [None] * len(prompts)
+        audios = list(audios) if audios is not None else [None] * len(prompts)
+        texts = [self._chat_text(*parts) for parts in zip(prompts, images, videos, audios)]
+        present = [image for image in images if image is not None]
+        media: dict[str, Any] = {}
+        if any(v is not None for v in videos):
+            media["videos"] = [v for v in videos if v is not None]
+        if any(a is not None for a in audios):
+            media.update(audio=[a for a in audios if a is not None], sampling_rate=self.sampling_rate)
+        return self.processor(text=texts, images=present or None, padding=True, return_tensors="pt", **media)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any],
+        *,
+        max_new_tokens: int,
+        videos: Sequence[Any] | None = None,
+        audios: Sequence[Any] | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        """Answer a batch of prompts greedily, each with its image, video or audio (or none of them).
+
+        Args:
+            prompts, images, videos, audios: As :meth:`model_inputs`.
             max_new_tokens: Generation length limit.
 
         Returns:
@@ -172,13 +239,7 @@ class Evaluator:
         import torch
         from transformers import GenerationConfig
 
-        texts = []
-        for prompt, image in zip(prompts, images):
-            content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-            messages = [{"role": "user", "content": content}]
-            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        present = [image for image in images if image is not None]
-        inputs = self.processor(text=texts, images=present or None, padding=True, return_tensors="pt")
+        inputs = self.model_inputs(prompts, images, videos=videos, audios=audios)
         resized = self._resized_sizes(inputs, images)
         inputs = inputs.to(self.device)
         config = GenerationConfig(**self.generation_settings(max_new_tokens))
@@ -203,19 +264,28 @@ class Evaluator:
         return sizes
 
     def run_task(self, task: TaskSpec, data_root: str | Path | None) -> TaskOutcome:
-        """Generate and score every sample of one task (up to ``options.max_samples``)."""
-        from PIL import Image
+        """Generate and score every sample of one task (up to ``options.max_samples``).
 
+        Raises:
+            EvaluationError: The model cannot take the task's modality, or a sample lacks its input.
+        """
+        from .modalities import check_task_modality
+
+        check_task_modality(task, self.model_path, self.processor)
         metric = get_metric(task.metric)
         box_format = box_format_for(self.model_type) if task.box_format == "model" else task.box_format
         started = time.perf_counter()
         records: list[dict[str, Any]] = []
         samples = iter_samples(task, data_root, limit=self.options.max_samples)
         for batch in _batches(samples, self.options.batch_size):
-            images = [Image.open(io.BytesIO(s.image)).convert("RGB") if s.image else None for s in batch]
+            media = [prepare_sample_media(task, s, self.sampling_rate) for s in batch]
+            images, videos, audios = ([m[k] for m in media] for k in range(3))
             prompts = [_fill_prompt(task, s) for s in batch]
-            answers, resized = self.generate(prompts, images, max_new_tokens=task.max_new_tokens)
-            for sample, image, prompt, answer, size in zip(batch, images, prompts, answers, resized):
+            answers, resized = self.generate(prompts, images, max_new_tokens=task.max_new_tokens,
+                                             videos=videos if task.modality == "video" else None,
+                                             audios=audios if task.modality == "audio" else None)  # fmt: skip
+            for sample, (image, video, _, info), prompt, answer, size in zip(batch, media, prompts, answers, resized):
+                shown = image if image is not None else (video[0] if video else None)
                 record = {
                     "question_id": sample.question_id,
                     "category": sample.category,
@@ -224,11 +294,13 @@ class Evaluator:
                     "answers": list(sample.answers),
                     "choices": list(sample.choices),
                     "bbox": list(sample.bbox) if sample.bbox is not None else None,
-                    "width": sample.width if sample.width is not None else (image.width if image else None),
-                    "height": sample.height if sample.height is not None else (image.height if image else None),
+                    "width": sample.width if sample.width is not None else (shown.width if shown else None),
+                    "height": sample.height if sample.height is not None else (shown.height if shown else None),
                     "resized": size,
                     "metric": metric.name,
                     "box_format": box_format,
+                    "modality": task.modality,
+                    **info,
                 }
                 scored = metric.fn(answer, _reference(record, box_format))
                 record.update(score=scored.score, extracted=scored.extracted)
@@ -250,6 +322,9 @@ class Evaluator:
             "data_path": task.path,
             "filter": dict(task.filter) if task.filter else None,
             "box_format": box_format,
+            "modality": task.modality,
+            **({"num_frames": task.num_frames} if task.modality == "video" else {}),
+            **({"sampling_rate": self.sampling_rate} if task.modality == "audio" else {}),
             "chat_template": True,
             "padding_side": self.tokenizer.padding_side,
             "model_path": self.model_path,

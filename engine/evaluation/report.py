@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .results import ROLES, ResultsStore
 from .suites import CAPABILITY_ORDER, Suite, builtin_suites, load_suite
@@ -132,7 +132,7 @@ def _best_merged(table: ReportTable) -> dict[str, float]:
     for key in [t for _, t in table.columns] + ["__avg__"]:
         values = [r.average if key == "__avg__" else r.values[key] for r in merged]
         values = [v for v in values if v is not None]
-        if values:
+        if len(values) >= 2:  # a column with one merged model has nothing to compare
             best[key] = max(values)
     return best
 
@@ -141,11 +141,11 @@ def render_markdown(table: ReportTable, *, title: str = "Evaluation report", sou
     """The table as Markdown: header ``Capability/task``, one line per model, notes underneath."""
     best = _best_merged(table)
 
-    def cell(value: float | None, key: str, suffix: str = "") -> str:
+    def cell(value: float | None, key: str, suffix: str = "", merged: bool = False) -> str:
         if value is None:
             return "–"
         text = f"{value:.2f}{suffix}"
-        return f"**{text}**" if key in best and abs(value - best[key]) < 1e-9 else text
+        return f"**{text}**" if merged and key in best and abs(value - best[key]) < 1e-9 else text
 
     header = ["Model", "Role"] + [f"{cap}/{task}" for cap, task in table.columns] + ["Avg"]
     lines = [f"# {title}", ""]
@@ -153,8 +153,9 @@ def render_markdown(table: ReportTable, *, title: str = "Evaluation report", sou
         lines += [f"Results: `{source}`", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
     for row in table.rows:
-        cells = [row.model, row.role] + [cell(row.values[t], t) for _, t in table.columns]
-        cells.append(cell(row.average, "__avg__", "" if row.complete else " †"))
+        merged = row.role == "merged"
+        cells = [row.model, row.role] + [cell(row.values[t], t, merged=merged) for _, t in table.columns]
+        cells.append(cell(row.average, "__avg__", "" if row.complete else " †", merged=merged))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Scores ×100; Avg is the mean over the task columns."]
     if any(not r.complete for r in table.rows):
@@ -225,7 +226,8 @@ def render_png(table: ReportTable, path: str | Path, *, title: str = "Evaluation
 
 
 def write_report(results: str | Path, out_dir: str | Path | None = None, *, roles: Mapping[str, str] | None = None,
-                 suite: Suite | str | None = None, title: str = "Evaluation report") -> tuple[Path, Path]:  # fmt: skip
+                 suite: Suite | str | None = None, title: str = "Evaluation report",
+                 models: Sequence[str] | None = None) -> tuple[Path, Path]:  # fmt: skip
     """Write ``report.md`` and ``report.png`` for a results directory (or a ``results.parquet`` file).
 
     Args:
@@ -234,6 +236,8 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, *, role
         roles: Role overrides by model name.
         suite: Task order within capabilities (``build_report_table``).
         title: Report title.
+        models: Report only these models, in this order within each role (default: every model, as the
+            results list them).
 
     Returns:
         Paths of the Markdown file and the PNG.
@@ -253,6 +257,9 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, *, role
         rows, source = pq.read_table(results).to_pylist(), results
     else:
         rows, source = [], results
+    if models is not None:  # these models' rows, in this order within each role
+        order = {name: i for i, name in enumerate(models)}
+        rows = sorted((r for r in rows if r["model"] in order), key=lambda r: order[r["model"]])
     if not rows:
         raise EvaluationError(
             f"No evaluation results at '{results}'; run `omnimerge eval MODEL... --suite SUITE -o {results}` first."

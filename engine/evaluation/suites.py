@@ -16,9 +16,12 @@ A suite file looks like this (``benchmarks/suites/paper_qwen2vl.yaml`` is the pa
         metric: relaxed_accuracy
         lmms_eval_task: chartqa            # optional: the task name for the lmms-eval backend
 
-Canonical fields: ``question_id``, ``image``, ``question``, ``answers``, ``choices``, ``bbox``, ``width``,
-``height``, ``category``; an unmapped field reads the column of the same name when it exists. Optional
-per task: ``prompt_with_choices`` (used for samples that have choices), ``filter`` (``{field, equals | in |
+Canonical fields: ``question_id``, ``image``, ``video``, ``audio``, ``sampling_rate``, ``question``, ``answers``,
+``choices``, ``bbox``, ``width``, ``height``, ``category``; an unmapped field reads the column of the same name
+when it exists. ``modality`` (``image`` by default, ``video`` or ``audio``) says which input a task feeds the
+model (``media`` for the values each may hold); a video task may set ``num_frames`` (frames sampled evenly from
+each video; default: all). Optional per task: ``prompt_with_choices`` (used for samples that have choices),
+``filter`` (``{field, equals | in |
 contains}``), ``explode: true`` (``question`` and ``answers`` are parallel lists, one sample per pair) and
 ``images_from`` (``{path, split, key, id_column, image_column}``: images kept in a second table, GQA-style).
 
@@ -37,6 +40,7 @@ from typing import Any, Mapping
 from omnimerge.engine.errors import EvaluationError
 
 from .boxes import BOX_FORMATS
+from .media import MODALITIES
 from .metrics import METRICS
 
 __all__ = [
@@ -49,7 +53,8 @@ __all__ = [
     "parse_suite",
 ]
 
-CANONICAL_FIELDS = ("question_id", "image", "question", "answers", "choices", "bbox", "width", "height", "category")
+CANONICAL_FIELDS = ("question_id", "image", "video", "audio", "sampling_rate", "question", "answers", "choices",
+                    "bbox", "width", "height", "category")  # fmt: skip
 # The paper's column groups, in its table order; other capabilities follow in suite order.
 CAPABILITY_ORDER = ("VQA", "Geometry", "Chart", "OCR", "Grounding")
 SHORT_ANSWER_PROMPT = "{question}\nAnswer the question using a single word or phrase."
@@ -74,6 +79,8 @@ class TaskSpec:
     explode: bool = False
     images_from: Mapping[str, str] | None = None
     lmms_eval_task: str | None = None
+    modality: str = "image"
+    num_frames: int | None = None
 
     def column(self, canonical: str) -> str:
         """The data column (possibly dotted) that holds a canonical field."""
@@ -147,6 +154,16 @@ def _task_problems(where: str, raw: Mapping[str, Any]) -> list[str]:
     images_from = raw.get("images_from")
     if images_from is not None and (not isinstance(images_from, Mapping) or not {"path", "key"} <= set(images_from)):
         problems.append(f"{where}: images_from needs at least 'path' and 'key' (the column holding the image id)")
+    modality = raw.get("modality", "image")
+    if modality not in MODALITIES:
+        problems.append(f"{where}: unknown modality '{modality}'; known: {', '.join(MODALITIES)}")
+    elif images_from is not None and modality != "image":
+        problems.append(f"{where}: images_from is for image tasks, but the task's modality is '{modality}'")
+    num_frames = raw.get("num_frames")
+    if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
+        problems.append(f"{where}: num_frames must be a positive integer, got {num_frames!r}")
+    elif num_frames is not None and modality != "video":
+        problems.append(f"{where}: num_frames is for video tasks, but the task's modality is '{modality}'")
     for template_key in ("prompt", "prompt_with_choices"):
         template = raw.get(template_key)
         if template is not None and "{question}" not in str(template):
