@@ -221,8 +221,9 @@ class BlockInputs:
     """One block of one tensor: base and task vectors in float32, built on demand, shared by every run.
 
     ``raw`` maps ``"base"`` and expert pool indices to the block's stored rows (None: a zero task vector).
-    Float32 values live in ``buffers`` (reused from block to block): valid until the next block. A failed
-    expert's error is remembered, so every run that uses that expert fails the same way and the others go on.
+    Float32 values live in ``buffers`` (reused by every other block): valid until a block reuses them. A
+    failed expert's error is remembered, so every run that uses that expert fails the same way and the others
+    go on. Not shared between threads: one thread computes a block.
     """
 
     def __init__(self, inputs: SharedInputs, name: str, raw: dict[Any, torch.Tensor | None],
@@ -234,6 +235,7 @@ class BlockInputs:
         self.wheres = wheres
         self._base32: torch.Tensor | None = None
         self._base_checked = False
+        self.seconds = 0.0  # spent converting the base and forming task vectors (shared by the block's runs)
         self._deltas: dict[int, torch.Tensor | BaseException] = {}
 
     def _raise_if_non_finite(self, key: Any, raw: torch.Tensor) -> None:
@@ -257,7 +259,7 @@ class BlockInputs:
             b = self.buffers.get("base", raw.numel(), torch.float32, self.inputs.device).view(raw.shape)
             b.copy_(raw)
             self._base32 = b
-            self.inputs.seconds += time.perf_counter() - t0
+            self.seconds += time.perf_counter() - t0
         return self._base32
 
     def check_base(self) -> None:
@@ -292,7 +294,7 @@ class BlockInputs:
                 self._deltas[i] = d
             except Exception as exc:  # noqa: BLE001 - remembered: every run using expert i fails alike
                 self._deltas[i] = exc
-            self.inputs.seconds += time.perf_counter() - t0
+            self.seconds += time.perf_counter() - t0
         d = self._deltas[i]
         if isinstance(d, BaseException):
             raise d
