@@ -286,8 +286,14 @@ def _expert_bytes(expert: ResolvedSource, name: str) -> int:
     return 0
 
 
-def _task_cost(task: TensorTask, n: int) -> tuple[int, float]:
-    """(peak working bytes, FLOPs) of one tensor's merge, float32 (an estimate for plans and scheduling)."""
+def _task_cost(task: TensorTask, n: int, *, streamed: bool = False) -> tuple[int, float]:
+    """(peak working bytes, FLOPs) of one tensor's merge, float32 (an estimate for plans and scheduling).
+    ``streamed``: the engine runs it in row blocks (engine.row_stream), so it needs at most a block's memory."""
+    if streamed:
+        from .row_stream import block_peak_bytes
+
+        peak, flops = _task_cost(task, n)
+        return min(peak, block_peak_bytes(n)), flops
     if task.action == "keep":
         return task.numel * 4 + task.out_bytes, 0.0
     numel = task.numel
@@ -310,6 +316,17 @@ def _task_cost(task: TensorTask, n: int) -> tuple[int, float]:
         extra = (n + 3) * numel  # per-expert SVD factors, concatenations, orthogonalisation
         flops += n * 4.0 * rows * cols * min(rows, cols)
     return (n + 3) * numel * 4 + extra * 4 + task.out_bytes, flops
+
+
+def _streams(task: TensorTask, experts: list[ResolvedSource]) -> bool:
+    """Whether a lone merge runs ``task`` in row blocks: it is kept, or merged by a streaming method and no
+    expert holds it as LoRA factors (see engine.row_stream)."""
+    from .row_stream import stream_mode
+
+    if stream_mode([task]) is None:
+        return False
+    return task.action == "keep" or not any(
+        e.kind != "model" and task.name in e.lora.targets and task.name not in e.lora.replacements for e in experts)
 
 
 def _pack_jobs(tasks: list[TensorTask], recipe: Recipe, n: int, base: ResolvedSource,
@@ -338,7 +355,7 @@ def _pack_jobs(tasks: list[TensorTask], recipe: Recipe, n: int, base: ResolvedSo
     jobs = []
     for i, shard in enumerate(shards):
         filename = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        costs = [_task_cost(t, n) for t in shard]
+        costs = [_task_cost(t, n, streamed=_streams(t, experts)) for t in shard]
         merged = [t.name for t in shard if t.action == "merge"]
         read = sum(base.index[t.name].nbytes for t in shard) + _read_bytes(merged, base, experts, base_too=False)
         jobs.append(ShardJob(i, filename, tuple(shard), read, sum(t.out_bytes for t in shard),

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .plan import TensorTask
     from .shard_runs import SharedInputs
 
-__all__ = ["BLOCK_ELEMENTS", "stream_mode", "row_blocks", "BlockInputs", "BlockReader", "merge_block",
+__all__ = ["BLOCK_ELEMENTS", "stream_mode", "row_blocks", "block_peak_bytes", "BlockInputs", "BlockReader", "merge_block",
            "non_finite_message", "one_intra_op_thread", "keep_freed_memory"]
 
 #: Values per block (float32: 4 MiB per input). Small enough to stay near the CPU caches, large enough that
@@ -70,6 +70,16 @@ def stream_mode(tasks: Sequence[TensorTask]) -> str | None:
         if m == "rows":
             mode = "rows"
     return mode
+
+
+def block_peak_bytes(n_experts: int, block_elements: int | None = None) -> int:
+    """Working memory of streaming one tensor with ``n_experts`` experts (an estimate for plans, ≥ the real
+    need): two blocks computed at once, each with its stored rows (≤ 4 bytes a value), float32 base and task
+    vectors, the method's temporaries and the cast rows (≈ 4 float32 blocks); the prefetched stored block;
+    four cast blocks queued per writer."""
+    b = block_elements or BLOCK_ELEMENTS
+    per_block = 4 * (n_experts + 1) * 2 + 4 * 4
+    return b * (2 * per_block + 4 * (n_experts + 1) + 4 * 4)
 
 
 def row_blocks(shape: Sequence[int], mode: str, block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:

@@ -211,3 +211,20 @@ def test_rewritten_element_wise_methods_keep_the_bits_of_their_previous_formulas
     assert torch.equal(_bits(got), _bits(base * (total / total) + acc_of([x / total for x in w])))
     got = fn["linear"](base, deltas, ctx=ctx, weights=w, normalize=False, include_base=True, base_weight=0.5)
     assert torch.equal(_bits(got), _bits(base * total + acc_of(w)))
+
+
+def test_plan_estimates_a_block_for_streamed_tensors_and_the_tensor_otherwise(zoo_dir: Path,
+                                                                             tiny_blocks: int) -> None:
+    from omnimerge.engine.plan import _task_cost
+    from omnimerge.engine.row_stream import block_peak_bytes
+
+    big = {"shard_size": "5GB"}
+    ta = plan_merge(_recipe(zoo_dir, "task_arithmetic", {}, **big))
+    ties = plan_merge(_recipe(zoo_dir, "ties", {}, **big))
+    lora = plan_merge(_recipe(zoo_dir, "task_arithmetic", {}, experts=("qwen_e0", "qwen_lora"), weights=(1, 1), **big))
+    whole = max(_task_cost(t, 3)[0] for t in ta.tensors)
+    assert ties.peak_bytes == whole  # TIES holds whole tensors
+    assert ta.peak_bytes == min(whole, block_peak_bytes(3)) < whole
+    # A tensor the LoRA expert targets is merged whole (B·A), so the plan counts it whole.
+    targeted = [t for t in lora.tensors if t.name in lora.experts[1].lora.targets]
+    assert lora.peak_bytes >= max(_task_cost(t, 2)[0] for t in targeted) > block_peak_bytes(2)
