@@ -167,7 +167,8 @@ def _dominant_hz(wave: np.ndarray, rate: int) -> float:
 
 def test_synthetic_tasks_answer_what_their_media_show(tmp_path: Path) -> None:
     suites = write_synthetic_tasks(tmp_path / "a", samples=6, seed=3)
-    again = write_synthetic_tasks(tmp_path / "b", samples=6, seed=3)
+    write_synthetic_tasks(tmp_path / "b", samples=6, seed=3)
+
     def files(root: Path) -> dict[Path, bytes]:
         return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 from .data import Sample, check_suite_data, iter_samples
 from .evaluator import EvalOptions, Evaluator, evaluate_model, rescore_predictions
 from .loading import load_model_and_processor
+from .media import MODALITIES
 from .metrics import METRICS, Reference, Scored, get_metric, metric_names
 from .report import build_report_table, render_markdown, render_png, write_report
 from .results import RESULT_COLUMNS, ModelEntry, ResultsStore, model_entry, read_predictions
 from .suites import Suite, TaskSpec, builtin_suites, load_suite, parse_suite
+from .synthetic import write_synthetic_tasks
 
 __all__ = [
     "METRICS",
+    "MODALITIES",
     "RESULT_COLUMNS",
     "EvalOptions",
     "Evaluator",
@@ -43,4 +46,5 @@ __all__ = [
     "render_png",
     "rescore_predictions",
     "write_report",
+    "write_synthetic_tasks",
 ]
