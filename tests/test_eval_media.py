@@ -196,3 +196,21 @@ def test_synthetic_tasks_answer_what_their_media_show(tmp_path: Path) -> None:
         loud = np.sqrt((blocks**2).mean(axis=1)) > 0.1  # a beep's RMS is 0.5/√2, silence's 0
         bursts = int(loud[0]) + int(np.sum(loud[1:] & ~loud[:-1]))  # runs of loud blocks
         assert sample.audio.sampling_rate == 8000 and str(bursts) == sample.answers[0]
+
+
+def test_frames_video_processor_is_its_image_processor_frame_by_frame() -> None:
+    """Without torchvision, Video-LLaVA's videos go through its image processor one frame at a time."""
+    from transformers import CLIPImageProcessorPil
+
+    from omnimerge.engine.evaluation.loading import FramesVideoProcessor
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    frames = [Image.open(io.BytesIO(png_bytes(i, (40, 32)))) for i in range(5)]
+    out = FramesVideoProcessor(images)([frames[:3], frames[2:]], return_tensors="pt")["pixel_values_videos"]
+    assert out.shape == (2, 3, 3, 28, 28)
+    for v, video in enumerate([frames[:3], frames[2:]]):
+        for k, frame in enumerate(video):
+            assert np.array_equal(out[v, k].numpy(), images(images=frame, return_tensors="np")["pixel_values"][0])
+    with pytest.raises(EvaluationError, match=r"Videos of one batch differ in frames or size \(\(3, 3, 28, 28\), "
+                                              r"\(2, 3, 28, 28\)\); give each task's videos one frame count"):
+        FramesVideoProcessor(images)([frames[:3], frames[:2]])
