@@ -136,14 +136,15 @@ def _run_jobs(recipe, tmp: Path, **kw) -> tuple[dict[str, bytes], dict]:
     return files, totals
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("prefetch,parallel", [(True, False), (False, False), (True, True)])
 def test_streamed_shards_equal_the_whole_tensor_path_with_a_lora_expert(zoo_dir: Path, tmp_path: Path,
-                                                                        prefetch: bool) -> None:
+                                                                        prefetch: bool, parallel: bool) -> None:
     """LoRA-targeted tensors take the whole path (B·A is not row-independent); the others stream, the LoRA
     expert's untargeted tensors as zero task vectors. Shards are byte-equal to the whole-tensor path's."""
     experts = ("qwen_e0", "qwen_lora")
     recipe = _recipe(zoo_dir, "task_arithmetic", {"scale": 0.6}, experts=experts, weights=(0.5, 1.5))
-    streamed, s_stats = _run_jobs(recipe, tmp_path / "streamed", block_elements=5, prefetch=prefetch)
+    streamed, s_stats = _run_jobs(recipe, tmp_path / "streamed", block_elements=5, prefetch=prefetch,
+                                  parallel_blocks=parallel)
     whole, w_stats = _run_jobs(recipe, tmp_path / "whole", stream=False)
     assert streamed == whole
     assert w_stats["streamed_tensors"] == 0
