@@ -231,9 +231,8 @@ class BlockInputs:
     """One block of one tensor: base and task vectors in float32, built on demand, shared by every run.
 
     ``raw`` maps ``"base"`` and expert pool indices to the block's stored rows (None: a zero task vector).
-    Float32 values live in ``buffers`` (reused by every other block): valid until a block reuses them. A
-    failed expert's error is remembered, so every run that uses that expert fails the same way and the others
-    go on. Not shared between threads: one thread computes a block.
+    Float32 values live in ``buffers`` (reused from block to block): valid until the next block. A failed
+    expert's error is remembered, so every run that uses that expert fails the same way and the others go on.
     """
 
     def __init__(self, inputs: SharedInputs, name: str, raw: dict[Any, torch.Tensor | None],

@@ -31,9 +31,8 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
 from collections.abc import MutableMapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -131,7 +130,7 @@ class SharedInputs:
         self._base32: dict[str, torch.Tensor] = {}
         self._deltas: dict[tuple[str, int], Delta] = {}
         self._dense: dict[tuple[str, int], torch.Tensor] = {}
-        self.buffers = (_Buffers(), _Buffers())  # reused float32 buffers of the streamed path (even, odd blocks)
+        self.buffers = _Buffers()  # reused float32 buffers of the streamed path
 
     def _reader(self, i: int) -> TensorReader:
         if i not in self._readers:
@@ -454,10 +453,9 @@ def _can_stream(name: str, runs: Sequence[_Run], inputs: SharedInputs) -> bool:
 
 
 def _stream_tensor(name: str, runs: Sequence[_Run], inputs: SharedInputs, reader_pool: ThreadPoolExecutor | None,
-                   compute_pool: ThreadPoolExecutor | None, block_elements: int) -> tuple[int, float, int]:
+                   block_elements: int) -> tuple[int, float, int]:
     """Every run's output of tensor ``name``, block of rows by block; (bytes written, runs' own seconds,
-    blocks). With ``compute_pool`` two blocks are computed at once (each on one torch thread, with its own
-    buffers) and written in order; random methods draw one stream per tensor, so their blocks go in turn."""
+    blocks)."""
     tasks = [run.tasks[name] for run in runs]
     used = sorted({i for run, t in zip(runs, tasks) if t.action == "merge" for i in run.slot.experts})
     sources: dict[Any, Any] = {"base": inputs.source_of(name, "base")}
@@ -465,29 +463,17 @@ def _stream_tensor(name: str, runs: Sequence[_Run], inputs: SharedInputs, reader
     wheres = {key: inputs.where(name, key) for key in sources}
     shape = tasks[0].shape
     blocks = row_blocks(shape, stream_mode(tasks) or "elements", block_elements)
-    if any(t.action == "merge" and get_method(t.method).random for t in tasks) or len(blocks) < 2:
-        compute_pool = None
     generators: dict[str, dict] = {run.slot.run_id: {} for run in runs}  # one stream per salt, tensor and run
-    pending: deque[Future] = deque()
     own = 0.0
     reader = BlockReader(sources, blocks, reader_pool)
     try:
         with one_intra_op_thread():
-            for k, (start, stop, raw) in enumerate(reader):
+            for start, stop, raw in reader:
                 inputs.bytes_read += sum(r.numel() * r.element_size() for r in raw.values() if r is not None)
-                block = BlockInputs(inputs, name, raw, inputs.buffers[k % 2], wheres)
+                block = BlockInputs(inputs, name, raw, inputs.buffers, wheres)
                 block_shape = (stop - start, *shape[1:]) if shape else ()
-                if compute_pool is None:
-                    own += _write_block(block, _compute_block(block, block_shape, runs, tasks, generators), runs)
-                    continue
-                if len(pending) == 2:  # block k reuses block k-2's buffers: write that one first
-                    own += _write_block(*pending.popleft().result(), runs=runs)
-                pending.append(compute_pool.submit(_compute_block_for, block, block_shape, runs, tasks, generators))
-            while pending:
-                own += _write_block(*pending.popleft().result(), runs=runs)
+                own += _write_block(block, _compute_block(block, block_shape, runs, tasks, generators), runs)
     finally:
-        for fut in pending:
-            fut.cancel()
         reader.close()
     return sum(t.out_bytes for run, t in zip(runs, tasks) if run.error is None), own, len(blocks)
 
@@ -522,11 +508,6 @@ def _compute_block(block: BlockInputs, block_shape: tuple[int, ...], runs: Seque
     return results
 
 
-def _compute_block_for(block: BlockInputs, block_shape: tuple[int, ...], runs: Sequence[_Run],
-                       tasks: Sequence[TensorTask], generators: dict[str, dict]) -> tuple[BlockInputs, list]:
-    return block, _compute_block(block, block_shape, runs, tasks, generators)
-
-
 def _write_block(block: BlockInputs, results: list[_Result | None], runs: Sequence[_Run]) -> float:
     """Append each run's rows of a computed block to its shard (in block order); returns the runs' seconds."""
     block.inputs.seconds += block.seconds
@@ -558,7 +539,7 @@ def _maybe_die(fault: str, tensor: str) -> None:
 def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[ResolvedSource], *,
               device: str = "cpu", progress: ProgressFn | None = None, fault: str | None = None,
               stats: dict[str, Any] | None = None, block_elements: int | None = None,
-              prefetch: bool = True, stream: bool = True, parallel_blocks: bool = False) -> list[SlotOutcome]:
+              prefetch: bool = True, stream: bool = True) -> list[SlotOutcome]:
     """Write every slot's shard in one pass over the tensors; one outcome per slot, in order.
 
     All slots must list the same tensor names in the same order (the same shard layout). Errors of one slot
@@ -566,9 +547,7 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
     when given, receives ``bytes_read``, ``shared_seconds`` (reading, task vectors) and ``seconds``.
     Tensors whose every run streams (:mod:`~omnimerge.engine.row_stream`) go through in row blocks of about
     ``block_elements`` values (default ``row_stream.BLOCK_ELEMENTS``), the next block read on a thread while
-    this one is computed (``prefetch``); ``parallel_blocks`` computes two blocks at once (off by default: on
-    the shared 2-core box it measured slower, 9.9–10.8 s against 8.6–13.6 s for the Qwen2-0.5B × 4 merge);
-    ``stream=False`` takes the whole-tensor path for every tensor.
+    this one is merged (``prefetch``); ``stream=False`` takes the whole-tensor path for every tensor.
     ``stats`` also receives ``streamed_tensors`` and ``blocks``.
     """
     start = time.perf_counter()
@@ -592,8 +571,6 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
     block_elements = block_elements or row_stream.BLOCK_ELEMENTS
     streamed = blocks = 0
     reader_pool = ThreadPoolExecutor(1, thread_name_prefix="omnimerge-read") if prefetch else None
-    compute_pool = (ThreadPoolExecutor(2, thread_name_prefix="omnimerge-block") if stream and parallel_blocks
-                    else None)
     try:
         with torch.no_grad():
             for name in order:
@@ -601,8 +578,7 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
                     _maybe_die(fault, name)
                 live = [run for run in runs if run.error is None]
                 if stream and _can_stream(name, live, inputs):
-                    written, mine, n_blocks = _stream_tensor(name, live, inputs, reader_pool, compute_pool,
-                                                             block_elements)
+                    written, mine, n_blocks = _stream_tensor(name, live, inputs, reader_pool, block_elements)
                     streamed, blocks = streamed + 1, blocks + n_blocks
                 else:
                     written, mine = _whole_tensor(name, live, inputs)
@@ -611,9 +587,8 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
                 if progress and written:
                     progress("tensor", written)
     finally:
-        for pool in (reader_pool, compute_pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
+        if reader_pool is not None:
+            reader_pool.shutdown(wait=True)
         inputs.close()
     # Shared time (reading, task vectors, bookkeeping) and bytes read are split evenly over the runs served,
     # so a lone merge reports its whole time and reads, and a sweep's per-run figures add up to the job's.

@@ -136,15 +136,14 @@ def _run_jobs(recipe, tmp: Path, **kw) -> tuple[dict[str, bytes], dict]:
     return files, totals
 
 
-@pytest.mark.parametrize("prefetch,parallel", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("prefetch", [True, False])
 def test_streamed_shards_equal_the_whole_tensor_path_with_a_lora_expert(zoo_dir: Path, tmp_path: Path,
-                                                                        prefetch: bool, parallel: bool) -> None:
+                                                                        prefetch: bool) -> None:
     """LoRA-targeted tensors take the whole path (B·A is not row-independent); the others stream, the LoRA
     expert's untargeted tensors as zero task vectors. Shards are byte-equal to the whole-tensor path's."""
     experts = ("qwen_e0", "qwen_lora")
     recipe = _recipe(zoo_dir, "task_arithmetic", {"scale": 0.6}, experts=experts, weights=(0.5, 1.5))
-    streamed, s_stats = _run_jobs(recipe, tmp_path / "streamed", block_elements=5, prefetch=prefetch,
-                                  parallel_blocks=parallel)
+    streamed, s_stats = _run_jobs(recipe, tmp_path / "streamed", block_elements=5, prefetch=prefetch)
     whole, w_stats = _run_jobs(recipe, tmp_path / "whole", stream=False)
     assert streamed == whole
     assert w_stats["streamed_tensors"] == 0
@@ -229,3 +228,21 @@ def test_plan_estimates_a_block_for_streamed_tensors_and_the_tensor_otherwise(zo
     # A tensor the LoRA expert targets is merged whole (B·A), so the plan counts it whole.
     targeted = [t for t in lora.tensors if t.name in lora.experts[1].lora.targets]
     assert lora.peak_bytes >= max(_task_cost(t, 2)[0] for t in targeted) > block_peak_bytes(2)
+
+
+def test_a_non_finite_base_is_named_before_any_expert(zoo_dir: Path, tmp_path: Path, tiny_blocks: int) -> None:
+    bad = tmp_path / "base"
+    bad.mkdir()
+    for f in (zoo_dir / "qwen_base").iterdir():
+        if f.is_file():
+            (bad / f.name).write_bytes(f.read_bytes())
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    target = "model.layers.0.mlp.up_proj.weight"
+    shard = bad / index["weight_map"][target]
+    tensors = load_file(shard)
+    tensors[target][7, 3] = float("-inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    recipe = parse_recipe({"base": str(bad), "experts": {"e0": str(zoo_dir / "qwen_e0")},
+                           "method": "weight_average", "shard_size": "60KB"})
+    with pytest.raises(NonFiniteError, match=rf"Tensor '{target}' of base \({bad}\) holds 1 non-finite value"):
+        _merge(recipe, tmp_path / "out")
