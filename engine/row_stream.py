@@ -275,7 +275,7 @@ class BlockInputs:
         """Check θ₀ finite (a run whose task vectors are all zero on this tensor needs it done explicitly)."""
         if not self._base_checked:
             b = self.base32()
-            if not (bool(torch.isfinite(b.sum())) or bool(torch.isfinite(b).all())):
+            if not (math.isfinite(b.sum().item()) or bool(torch.isfinite(b).all())):
                 self._raise_if_non_finite("base", self.raw_base())
             self._base_checked = True
 
@@ -296,7 +296,7 @@ class BlockInputs:
                     d.zero_()
                 else:
                     d.copy_(raw).sub_(base32)  # exact conversion, then one rounding: θᵢ − θ₀ as in float32
-                    if not (bool(torch.isfinite(d.sum())) or bool(torch.isfinite(d).all())):
+                    if not (math.isfinite(d.sum().item()) or bool(torch.isfinite(d).all())):
                         self._raise_if_non_finite("base", self.raw_base())
                         self._raise_if_non_finite(i, raw)  # else: finite inputs whose difference overflowed
                     self._base_checked = True

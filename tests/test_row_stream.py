@@ -189,6 +189,11 @@ def test_rewritten_element_wise_methods_keep_the_bits_of_their_previous_formulas
     g = torch.Generator().manual_seed(3)
     base = torch.randn(shape, generator=g) * 0.02
     deltas = [torch.randn(shape, generator=g) * 1e-3 for _ in range(3)]
+    if shape:  # signed zeros: 0 + w·(−0) is +0, and −0 + (+0) is +0 again
+        for d in deltas:
+            d.view(-1)[:3] = -0.0
+        deltas[0].view(-1)[3:6] = -0.0
+        base.view(-1)[:4] = -0.0
     w = [0.7, 1.3, 0.4]
     ctx = MergeContext(tensor_name="t", memo={})
 

@@ -21,8 +21,9 @@ def task_arithmetic(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeCo
     w = as_sequence(weights, len(deltas))
 
     def weighted_sum() -> torch.Tensor:
-        acc = torch.zeros_like(base)
-        for wi, d in zip(w, deltas):
+        # 0 + w₀τ₀ without a tensor of zeros: w₀·τ₀ + 0.0 has its bits (−0 becomes +0 alike), then Σ in order.
+        acc = torch.mul(dense(deltas[0]), w[0]).add_(0.0)
+        for wi, d in zip(w[1:], deltas[1:]):
             acc.add_(dense(d), alpha=wi)
         return acc
 
