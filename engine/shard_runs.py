@@ -15,13 +15,17 @@ tensor, in the shard's order:
    Each run sees the memo through a namespace naming how its deltas arrive (single tensor or which batch;
    dense or LoRA factors), so a value is reused only where the lone merge would have computed the very
    same float32 operations on the very same inputs — outputs stay byte-identical to separate merges.
-4. A run that fails (a non-finite input of one of its experts, a method error) loses only its own shard
+4. A tensor whose every run keeps it or merges it with a streaming method (task arithmetic, weight average,
+   linear, …) goes through the same steps in row blocks instead (:mod:`~omnimerge.engine.row_stream`):
+   the shared inputs, the memo and each run's output are then a block's, never the whole tensor's.
+5. A run that fails (a non-finite input of one of its experts, a method error) loses only its own shard
    file; the other runs go on. Inputs of a tensor are dropped after its turn; inputs a batched run read
    ahead for later members stay until those members' turn.
 
-Memory of one pass: the shared inputs of one tensor (base + the deltas of the experts the runs use, i.e.
-bounded by the pool, not by the number of runs) + one method's workspace at a time + the memo of one
-tensor + the cast outputs batched runs hold for later members of their batch (grows with batched runs).
+Memory of one pass (whole-tensor path; a streamed tensor holds a block's worth instead): the shared inputs
+of one tensor (base + the deltas of the experts the runs use, i.e. bounded by the pool, not by the number of
+runs) + one method's workspace at a time + the memo of one tensor + the cast outputs batched runs hold for
+later members of their batch (grows with batched runs).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ Memory of one job (:func:`estimate_job_bytes`, an estimate in the spirit of ``Sh
          + Σ over batched runs (batch inputs read ahead + outputs held for later members)
 
 so it grows with the pool (E_t), with the number of runs of SVD/solver methods (memo) and with the number
-of batched runs (wudi, optmerge) — not with the number of runs of element-wise methods.
+of batched runs (wudi, optmerge) — not with the number of runs of element-wise methods. A tensor every run
+streams (engine.row_stream) needs a block's share of this, not the tensor's; the estimate stays the
+whole-tensor one (an upper bound).
 """
 
 from __future__ import annotations
