@@ -49,7 +49,8 @@ try:  # the sweep engine's dispatcher (runs a sweep context's jobs too); older e
 except ImportError:  # pragma: no cover - depends on the engine version
     from omnimerge.engine.execute import run_shard_job as _execute_job
 
-__all__ = ["RaySessionInfo", "ray_session", "RayExecutor", "store_shard_bytes", "STORAGE_MODES"]
+__all__ = ["RaySessionInfo", "ray_session", "RayExecutor", "store_shard_bytes", "STORAGE_MODES",
+           "default_worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,16 @@ _POLL_S = 1.0
 HOLD_ENV = "OMNIMERGE_HOLD"  # test hook, like OMNIMERGE_FAULT: "<shard file or *>:<hold file>" (see RayExecutor)
 _HOLD_MAX_S = 300.0
 _MAX_PING_FAILURES = 30  # consecutive failed pings (about one a second) before a worker counts as gone
+
+
+def default_worker_env() -> dict[str, str]:
+    """Environment of the worker actors: OpenMP threads sleep when idle (``OMP_WAIT_POLICY=PASSIVE``) unless
+    this process's environment says otherwise.
+
+    libgomp's default spins after every parallel region; with several worker processes on the same cores the
+    spinning threads take the CPU the working ones need (a 1024² SVD ran 10–20× slower that way here).
+    """
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 # -- session -------------------------------------------------------------------------------------------------
@@ -175,11 +186,13 @@ class _ShardWorker:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
         self.storage = storage
-        self.device = choose_device(device)  # cuda only where this process sees a GPU: else a clean CPU fallback
         rt = ray.get_runtime_context()
         self.node_id = rt.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if device == "auto" and not self.gpu_ids:
+            device = "cpu"  # a CPU slot on a GPU node must not compute on a GPU Ray gave to another worker
+        self.device = choose_device(device)  # cuda only where this process sees a GPU: else a clean CPU fallback
         self.scratch: Path | None = None
         if storage == "none":
             if scratch_root:
@@ -192,6 +205,7 @@ class _ShardWorker:
         return {"slot": self.slot, "node_id": self.node_id, "node_ip": self.node_ip, "pid": os.getpid(),
                 "device": self.device, "gpu_ids": self.gpu_ids, "threads": self.threads,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "nice": os.getpriority(os.PRIO_PROCESS, 0),
                 "scratch": str(self.scratch) if self.scratch else None}
 
     def _context(self, box: list, key: str) -> Any:
@@ -351,7 +365,9 @@ class RayExecutor:
         session: the :class:`RaySessionInfo` from :func:`ray_session` (for the report); without one, and
             without a Ray connection, :meth:`run` starts and stops a local instance itself.
         storage: ``shared`` or ``none`` (see the module docstring).
-        max_in_flight: jobs submitted and not yet finished; default two per worker.
+        max_in_flight: jobs submitted and not yet finished; default one per worker, so the next job goes to
+            whichever worker frees up first (a job queued behind a long one on a busy worker waits for it,
+            which made 2 workers slower than 1 on the benchmark's embedding-heavy layout).
         max_inflight_bytes: ``storage="none"``: shard bytes of the jobs in flight (at least one job runs).
         max_job_attempts: attempts per shard when workers die, before giving up.
         gpus: use GPU actors; default when the cluster has GPUs.
@@ -362,6 +378,8 @@ class RayExecutor:
             Several CPU kernels (SVD, used by iso_c, tsv, iso_cts, optmerge) give different bits for different
             thread counts, so the default keeps CPU workers bit-identical to a local run on this machine; fewer
             threads oversubscribe less when many CPU workers share a node.
+        worker_env: environment variables of the worker actors (Ray ``runtime_env``; merged with a job-level
+            one); default :func:`default_worker_env`. ``{}`` sets none.
         hold: test hook (default: env ``OMNIMERGE_HOLD``): ``"<shard file or *>:<hold file>"`` makes a worker
             about to run that shard wait while the hold file exists (it announces ``<hold file>.<slot>.held``).
     """
@@ -372,7 +390,7 @@ class RayExecutor:
                  storage: str = "shared", max_in_flight: int | None = None, *, max_inflight_bytes: int = 2 << 30,
                  max_job_attempts: int = 4, gpus: bool | None = None, scratch_dir: str | Path | None = None,
                  worker_lost_timeout_s: float = 600.0, hold: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, worker_env: dict[str, str] | None = None) -> None:
         if storage not in STORAGE_MODES:
             raise PlanError(f"storage {storage!r} is not one of {', '.join(STORAGE_MODES)}.")
         if workers is not None and workers < 1:
@@ -389,6 +407,7 @@ class RayExecutor:
         self.worker_lost_timeout_s = worker_lost_timeout_s
         self.hold = hold if hold is not None else (os.environ.get(HOLD_ENV) or None)
         self.threads = threads
+        self.worker_env = default_worker_env() if worker_env is None else dict(worker_env)
         self._stats: dict[str, Any] = {}
 
     # -- public ----------------------------------------------------------------------------------------------
@@ -450,6 +469,7 @@ class _Dispatch:
         self.start = time.perf_counter()
         self.options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 0, "memory": 0}
         self.max_in_flight = 1
+        self.ready_s: float | None = None  # seconds until every worker first answered (actor start-up)
 
     # -- setup -----------------------------------------------------------------------------------------------
 
@@ -495,8 +515,9 @@ class _Dispatch:
 
         n, options = self._resources()
         threads = self.ex.threads or torch.get_num_threads()
+        env = {"runtime_env": {"env_vars": self.ex.worker_env}} if self.ex.worker_env else {}
         remote = ray.remote(_ShardWorker).options(max_restarts=self.ex.max_job_attempts, max_task_retries=0,
-                                                  scheduling_strategy="SPREAD", **options)
+                                                  scheduling_strategy="SPREAD", **options, **env)
         for i in range(n):
             slot = f"w{i}"
             actor = remote.remote(slot, self.ex.device, self.ex.storage, self.ex.scratch_dir, self.ex.hold,
@@ -505,7 +526,7 @@ class _Dispatch:
             self.workers.append(state)
             self._ping(i)
         self.options = options
-        self.max_in_flight = self.ex.max_in_flight or 2 * n
+        self.max_in_flight = self.ex.max_in_flight or n
         log.info("started %d Ray worker(s) (%s)", n, ", ".join(f"{k}={v}" for k, v in options.items()))
 
     def _ping(self, i: int) -> None:
@@ -588,6 +609,8 @@ class _Dispatch:
         try:
             w.info = ray.get(ref, timeout=60)
             w.ready, w.ping_failures = True, 0
+            if self.ready_s is None and all(x.ready or x.dead for x in self.workers):
+                self.ready_s = time.perf_counter() - self.start
         except RayError as exc:  # restarting, unavailable, or dead for good: ask again shortly, then give up
             w.ping_failures += 1
             if w.ping_failures >= _MAX_PING_FAILURES:
@@ -699,6 +722,7 @@ class _Dispatch:
                     f"{len(nodes)} node(s), storage {self.ex.storage}, ≤{self.max_in_flight} job(s) in flight; "
                     f"{where}"),
             "retries": sum(len(v) for v in self.retried.values()),
+            "workers_ready_s": round(self.ready_s, 3) if self.ready_s is not None else None,
         })
         if self.retried:
             stats["retried_shards"] = {k: v for k, v in sorted(self.retried.items())}
@@ -708,7 +732,8 @@ class _Dispatch:
             workers[w.slot] = {
                 "node": w.info.get("node_ip"), "device": w.info.get("device"), "gpu_ids": w.info.get("gpu_ids"),
                 "scratch": w.info.get("scratch"), "threads": w.info.get("threads"),
-                "cuda_visible_devices": w.info.get("cuda_visible_devices"), "jobs": w.jobs, "bytes_read": w.bytes_read,
+                "cuda_visible_devices": w.info.get("cuda_visible_devices"),
+                "omp_wait_policy": w.info.get("omp_wait_policy"), "nice": w.info.get("nice"), "jobs": w.jobs, "bytes_read": w.bytes_read,
                 "bytes_written": w.bytes_written, "busy_s": round(w.busy_s, 3), "MB_per_s": round(rate, 2),
                 "worker_deaths": w.deaths}
         stats["workers"] = workers

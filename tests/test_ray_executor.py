@@ -108,6 +108,8 @@ class TestOnLocalRay:
         # CUDA is not usable here, so both computed on CPU.
         assert sorted(g for w in stats.values() for g in w["gpu_ids"]) == ["0", "1"]
         assert all(w["cuda_visible_devices"] == w["gpu_ids"][0] for w in stats.values())
+        # OpenMP threads of the workers sleep when idle unless the driver's environment chose otherwise.
+        assert {w["omp_wait_policy"] for w in stats.values()} == {os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         assert {w["device"] for w in stats.values()} == {"cpu"}
         assert sum(w["jobs"] for w in stats.values()) == 9
         assert sum(w["bytes_written"] for w in stats.values()) == report.bytes_written
