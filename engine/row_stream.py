@@ -17,9 +17,9 @@ blocks of whole rows (first dimension) of about ``block_elements`` values. Per b
 
 Element-wise float32 operations round each element on its own, so the same operations in the same order per
 element give the same bits however the tensor is cut (tests compare against whole-tensor computations).
-Memory: the block's raw inputs (two blocks: the one computed and the one prefetched), its float32 base and
-task vectors, the method's temporaries and the cast output handed to the writers — about
-``block_elements × 4 bytes × (2·(E+1) + 4)`` for E experts, whatever the tensor's size.
+Memory: the block's stored rows (two blocks: the one merged and the one prefetched), its float32 base and task
+vectors, the method's temporaries and the cast rows queued for the writers — bounded by
+:func:`block_peak_bytes` (about 150 MB for 4 experts at the default block size), whatever the tensor's size.
 
 Tensors a LoRA expert targets (its ΔW = B·A is a matrix product, whose rows are not computed independently
 of the blocking) and methods that need whole tensors (TIES' thresholds and sign election, SVDs, solvers)
@@ -42,7 +42,7 @@ from omnimerge.algorithms.base import MergeContext
 from omnimerge.algorithms.registry import get_method
 
 from .errors import NonFiniteError, ShardJobError
-from .safetensors_io import DTYPES, TensorReader
+from .safetensors_io import TensorReader
 
 if TYPE_CHECKING:
     from .plan import TensorTask
@@ -327,7 +327,3 @@ def merge_block(spec_fn: Callable[..., torch.Tensor], block: BlockInputs, expert
         raise ShardJobError(f"method '{method}' returned shape {list(out.shape)} for a block of tensor "
                             f"'{block.name}' of shape {list(expect_shape)} (a bug in the method)")
     return out.clone() if block.owns(out) else out
-
-
-def block_dtype(dtype: str) -> torch.dtype:
-    return DTYPES[dtype].torch
