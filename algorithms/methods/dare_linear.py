@@ -8,7 +8,9 @@ rescale to the L1 norm of τᵢ instead of by 1/(1 − p): not done here).
 
 Reproducible: the mask of expert i on tensor t is drawn on the CPU from
 ``ctx.generator("dare", expert_id)`` (recipe seed + tensor name + expert id), so it does not depend on
-the worker, device or order (the paper's code is unseeded).
+the worker, device or order (the paper's code is unseeded). The engine streams it in row blocks: every block
+of a tensor draws the next values of that one generator (``MergeContext.generators``), and ``torch.rand`` on the
+CPU draws values in order, so the mask is the whole tensor's whatever the block size (tests/test_row_stream.py).
 """
 
 from __future__ import annotations
