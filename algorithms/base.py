@@ -84,6 +84,9 @@ class MergeContext:
         generators: when set (the engine streaming a tensor in row blocks, each block a call of the
             method), :meth:`generator` hands out one generator per salt from this dict instead of a fresh
             one, so consecutive blocks draw consecutive parts of the stream a whole-tensor call would draw.
+        threads: how many threads the method may run its chunked element-wise passes on at once
+            (:mod:`~omnimerge.algorithms.chunks`; the engine sets it from the cores the job may use). The
+            result does not depend on it.
     """
 
     tensor_name: str = ""
@@ -92,6 +95,7 @@ class MergeContext:
     memo: dict | None = None
     model_stats: Mapping[str, Any] = field(default_factory=dict)
     generators: dict | None = None
+    threads: int = 1
 
     def generator(self, *salt: str, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from (seed, tensor name, *salt); CPU by default so bytes do not depend on

@@ -21,13 +21,15 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .base import LowRank
+from .chunks import in_parts, run_parts
 
-__all__ = ["RadixSelect", "keep_count", "kth_largest_abs", "abs_bits", "top_histogram", "kth_largest_in",
-           "TiesThresholdPrepass"]
+__all__ = ["RadixSelect", "keep_count", "kth_largest_abs", "abs_bits", "top_histogram", "magnitude_histogram",
+           "kth_largest_magnitude", "TiesThresholdPrepass"]
 
 logger = logging.getLogger(__name__)
 
 _BINS = 1 << 16
+_CHUNK = 1 << 20  # values per chunk of the passes over one tensor's own values (int32 scratch: 4 MiB)
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -50,16 +52,60 @@ def top_histogram(bits: torch.Tensor) -> torch.Tensor:
     return torch.bincount(bits >> 16, minlength=_BINS).cpu()
 
 
-def kth_largest_in(bits: torch.Tensor, hist: torch.Tensor, k: int) -> float:
-    """Exact k-th largest of one tensor's magnitudes from their bit patterns ``bits`` (:func:`abs_bits`)
-    and their pass-0 histogram ``hist`` (:func:`top_histogram`, which does not depend on k, so callers
-    needing several k — a sweep over TIES densities — compute it once)."""
+def _top_bits(bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Top 16 bits of |x| (without the sign) from the int32 patterns ``bits`` of x, into ``out``."""
+    torch.bitwise_and(bits, 0x7FFFFFFF, out=out)
+    return out.bitwise_right_shift_(16)
+
+
+def _signed_bits(x: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of float32 ``x`` (flattened; a view when contiguous)."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"expected float32 values, got {x.dtype}")
+    return x.reshape(-1).contiguous().view(torch.int32)
+
+
+def magnitude_histogram(x: torch.Tensor, *, threads: int = 1) -> torch.Tensor:
+    """Pass 0 of the radix select of |x| straight from float32 ``x`` (no |x| tensor): counts of the top 16
+    bits of each |x|, chunk by chunk (``threads`` parts at once). Does not depend on k: callers needing
+    several k compute it once."""
+    bits = _signed_bits(x)
+    parts = in_parts(bits.numel(), _CHUNK, threads if bits.device.type == "cpu" else 1)
+
+    def count(k: int) -> torch.Tensor:
+        scratch = torch.empty(min(bits.numel(), _CHUNK), dtype=torch.int32, device=bits.device)
+        hist = torch.zeros(_BINS, dtype=torch.int64, device=bits.device)
+        for s, e in parts[k]:
+            hist += torch.bincount(_top_bits(bits[s:e], scratch[:e - s]), minlength=_BINS)
+        return hist
+
+    return sum(run_parts(count, len(parts))).cpu()  # type: ignore[union-attr]
+
+
+def kth_largest_magnitude(x: torch.Tensor, hist: torch.Tensor, k: int, *, threads: int = 1) -> float:
+    """Exact k-th largest |x| of float32 ``x`` given its :func:`magnitude_histogram` ``hist``: pass 1 counts
+    the low 16 bits of the entries in the bin where the count from the top reaches k. Equals
+    ``torch.kthvalue(|x|, numel − k + 1)``."""
+    bits = _signed_bits(x)
     if not 1 <= k <= bits.numel():
         raise ValueError(f"k = {k} is outside [1, {bits.numel()}]")
     top_bin, k_rest = _walk_from_top(hist, k)
-    sel = bits[(bits >> 16) == top_bin]
-    low, _ = _walk_from_top(torch.bincount(sel & 0xFFFF, minlength=_BINS).cpu(), k_rest)
-    return float(torch.tensor([(top_bin << 16) | low], dtype=torch.int32).view(torch.float32).item())
+    parts = in_parts(bits.numel(), _CHUNK, threads if bits.device.type == "cpu" else 1)
+
+    def count(j: int) -> torch.Tensor:
+        # One bincount per chunk over keys 0 (below the bin), 1 + low 16 bits (in the bin), BINS + 1 (above):
+        # cheaper than gathering the bin's entries (a mask and a compaction per chunk).
+        scratch = torch.empty(min(bits.numel(), _CHUNK), dtype=torch.int32, device=bits.device)
+        counts = torch.zeros(_BINS + 2, dtype=torch.int64, device=bits.device)
+        for s, e in parts[j]:
+            key = torch.bitwise_and(bits[s:e], 0x7FFFFFFF, out=scratch[:e - s])
+            key.sub_(top_bin << 16).clamp_(-1, _BINS).add_(1)
+            counts += torch.bincount(key, minlength=_BINS + 2)
+        return counts
+
+    counts = sum(run_parts(count, len(parts)))
+    bottom, _ = _walk_from_top(counts[1:_BINS + 1].cpu(), k_rest)  # type: ignore[index]
+    return float(torch.tensor([(top_bin << 16) | bottom], dtype=torch.int32).view(torch.float32).item())
 
 
 def _walk_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -122,9 +168,9 @@ class RadixSelect:
 def kth_largest_abs(tensors: Iterable[torch.Tensor] | list[torch.Tensor], k: int) -> float:
     """Exact k-th largest |x| over ``tensors`` (iterated twice; pass a list)."""
     tensors = list(tensors)
-    if len(tensors) == 1:  # one tensor: its bit patterns once for both passes
-        bits = _bits(tensors[0])
-        return kth_largest_in(bits, top_histogram(bits), k)
+    if len(tensors) == 1:  # one tensor: both passes straight from its values
+        x = tensors[0].detach().to(torch.float32)
+        return kth_largest_magnitude(x, magnitude_histogram(x), k)
     sel = RadixSelect(k=k)
     for p in (0, 1):
         for t in tensors:

@@ -1,16 +1,22 @@
-"""TIES and its hosts keep their bits: the faster forms (one |τ| per expert, a density-free radix histogram,
-x·γ > 0 for agreement, sums started at the first term) against the straightforward formulas written out here,
-with the threshold from ``torch.kthvalue``, on inputs full of the awkward cases (±0, equal magnitudes at the
-threshold, entries whose signed mass is exactly zero, negative and fractional weights)."""
+"""TIES and its hosts keep their bits: the fast forms (chunked passes on one or several threads, a density-free
+radix histogram, the trim as τ·sign(threshold(|τ|)), agreement as max(sign(x·γ), 0), sums as exact products)
+against the straightforward formulas written out here, with the threshold from ``torch.kthvalue``, on inputs
+full of the awkward cases (±0, equal magnitudes at the threshold, entries whose signed mass is exactly zero,
+negative and fractional weights), cut into chunks of a few values.
+
+The fallback sign where the mass is 0 is the sign of Σγ over the tensor as an exact count (#positive −
+#negative): the reference counts in int64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from omnimerge.algorithms import consensus, selection
 from omnimerge.algorithms.base import MergeContext
-from omnimerge.algorithms.consensus import ties_merge
+from omnimerge.algorithms.consensus import ties_consensus, ties_merge
 from omnimerge.algorithms.registry import get_method
+from omnimerge.algorithms.selection import keep_count, kth_largest_magnitude, magnitude_histogram
 
 
 def _reference_threshold(d: torch.Tensor, density: float) -> torch.Tensor:
@@ -27,7 +33,8 @@ def _reference_ties_merge(sparse, weights, normalize=True):
     gamma = torch.sign(total)
     zero = gamma == 0
     if bool(zero.any()):
-        gamma = torch.where(zero, torch.sign(gamma.sum()), gamma)
+        majority = torch.sign(gamma.to(torch.int64).sum()).to(gamma.dtype)
+        gamma = torch.where(zero, majority, gamma)
     num = torch.zeros_like(gamma)
     den = torch.zeros_like(gamma)
     for x, w in zip(weighted, weights):
@@ -107,3 +114,68 @@ def test_ties_hosts_keep_the_bits_of_the_plain_consensus(method: str, params: di
                   for d, e in zip(deltas, ("a", "b", "c"))]
     want = base + 0.9 * _reference_ties_merge(sparse, weights)
     assert torch.equal(_bits(got), _bits(want))
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Chunks of 7 values for the consensus and 5 for the radix passes: every tensor is cut many times."""
+    monkeypatch.setattr(consensus, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(selection, "_CHUNK", 5)
+    return 7
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("weights,density,normalize", [([1.0, 1.0, 1.0], 0.2, True), ([0.5, 1.5, -0.25], 0.5, False),
+                                                       ([2.0, 1.0, 3.0], 0.3, True), ([0.5, 0.5, 1.0], 1.0, True)])
+def test_ties_in_chunks_on_threads_keeps_the_bits(tiny_chunks: int, threads: int, weights, density, normalize) -> None:
+    base, deltas = _awkward((13, 9), 3, seed=threads * 10 + int(density * 10))
+    ctx = MergeContext(tensor_name="t", memo={}, expert_ids=("a", "b", "c"), threads=threads)
+    got = get_method("ties").fn(base, deltas, ctx=ctx, weights=weights, density=density, normalize=normalize,
+                                scale=0.7)
+    want = _reference_ties(base, deltas, weights, density, normalize, 0.7)
+    assert torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fallback_sign_comes_from_the_whole_tensor_not_the_chunk(tiny_chunks: int, threads: int) -> None:
+    """The first chunk holds only entries whose mass is exactly 0 and more negative than positive sums; the
+    rest of the tensor is mostly positive, so Σγ > 0 and the zero-mass entries take the positive agreeing
+    values — which only a count over every chunk (and every thread's part) gets right."""
+    a = torch.tensor([3.0, -2.0, 5.0, -1.0, 0.0, 4.0, -3.0] + [1.0] * 30 + [-1.0] * 5)
+    b = torch.tensor([-3.0, 2.0, -5.0, 1.0, 0.0, -4.0, -1.0] + [1.0] * 30 + [-1.0] * 5)
+    got = ties_consensus([a, b], [1.0, 1.0], threads=threads)
+    want = _reference_ties_merge([a, b], [1.0, 1.0])
+    assert torch.equal(_bits(got), _bits(want))
+    # Hand-worked: entry 0 has mass 0, γ = +1 (30 positive sums against 6 negative), the agreeing value is 3.
+    assert got[:7].tolist() == [3.0, 2.0, 5.0, 1.0, 0.0, 4.0, -2.0]
+
+
+def test_no_entry_with_mass_and_no_majority_gives_plus_zero(tiny_chunks: int) -> None:
+    x = torch.tensor([1.0, -2.0, -0.0, 0.0, 5.0, -5.0, 3.0, 2.5, -1.0])
+    got = ties_consensus([x, -x], [1.0, 1.0], threads=2)
+    assert torch.equal(_bits(got), _bits(torch.zeros(9)))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threshold_in_chunks_equals_kthvalue_on_awkward_values(tiny_chunks: int, threads: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    cases = {
+        "ties and zeros": torch.randint(-3, 4, (61,), generator=g).float(),
+        "signed zeros": torch.tensor([0.0, -0.0, -0.0, 0.0, 1e-45, -1e-45, 0.0]),
+        "all equal": torch.full((23,), -2.5),
+        "subnormals and huge": torch.tensor([1e-40, -3e-39, 3e38, -3e38, 1.0, 2e-45, 0.0, 7.0]),
+        "gaussian": torch.randn(97, generator=g) * 1e-3,
+    }
+    for label, x in cases.items():
+        hist = magnitude_histogram(x, threads=threads)
+        for density in (0.01, 0.2, 0.5, 0.99, 1.0):
+            k = keep_count(density, x.numel())
+            want = torch.kthvalue(x.abs(), x.numel() - k + 1).values.item()
+            assert kth_largest_magnitude(x, hist, k, threads=threads) == want, (label, density)
+
+
+def test_trim_keeps_entries_equal_to_the_threshold_and_a_zero_threshold_keeps_all() -> None:
+    x = torch.tensor([0.5, -0.5, 0.25, -1.0, 0.0, -0.0])
+    # threshold 0.5: |x| ≥ 0.5 survive (both signs, ties kept); a single expert's consensus returns them.
+    assert ties_consensus([x], [1.0], thresholds=[0.5]).tolist() == [0.5, -0.5, 0.0, -1.0, 0.0, 0.0]
+    assert torch.equal(ties_consensus([x], [1.0], thresholds=[0.0]), x + 0.0)

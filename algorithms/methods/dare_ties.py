@@ -18,9 +18,9 @@ from typing import Sequence
 import torch
 
 from ..base import Delta, MergeContext, as_sequence
-from ..consensus import ties_merge
+from ..consensus import ties_consensus
 from ..registry import in_range, register
-from ..sparsify import magnitude_threshold, trim
+from ..selection import keep_count, kth_largest_magnitude, magnitude_histogram
 from .dare_linear import dare_deltas
 
 __all__ = ["dare_ties"]
@@ -38,7 +38,10 @@ def dare_ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext,
     true (paper's disjoint mean); λ = ``scale`` 1.0 (paper searched {0.1, …, 1.5}).
     """
     sparse = dare_deltas(deltas, ctx=ctx, p=p, rescale=rescale)
+    thresholds = None
     if density < 1.0:
-        sparse = [trim(d, magnitude_threshold(d, density)) for d in sparse]
-    merged = ties_merge(sparse, as_sequence(weights, len(deltas)), normalize=normalize)
+        thresholds = [kth_largest_magnitude(d, magnitude_histogram(d, threads=ctx.threads), keep_count(density, d.numel()),
+                                            threads=ctx.threads) for d in sparse]
+    merged = ties_consensus(sparse, as_sequence(weights, len(deltas)), normalize=normalize, thresholds=thresholds,
+                            threads=ctx.threads)
     return base + scale * merged

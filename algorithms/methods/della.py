@@ -45,7 +45,7 @@ def della(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, wei
     sparse = [della_magprune(dense(d), density, epsilon, ctx.generator("della", ctx.expert_id(i)))
               for i, d in enumerate(deltas)]
     if consensus:
-        merged = ties_merge(sparse, w, normalize=normalize)
+        merged = ties_merge(sparse, w, normalize=normalize, threads=ctx.threads)
     else:
         merged = torch.zeros_like(base)
         for wi, x in zip(w, sparse):

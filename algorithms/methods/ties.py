@@ -25,9 +25,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..base import Delta, MergeContext, as_sequence, dense
-from ..consensus import ties_merge
+from ..consensus import ties_consensus
 from ..registry import in_range, one_of, register
-from ..selection import TiesThresholdPrepass, abs_bits, keep_count, kth_largest_in, top_histogram
+from ..selection import TiesThresholdPrepass, keep_count, kth_largest_magnitude, magnitude_histogram
 from ..sparsify import magnitude_threshold
 
 __all__ = ["ties", "ties_thresholds"]
@@ -91,23 +91,18 @@ def ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weig
     """
     w = as_sequence(weights, len(deltas))
 
-    def threshold(i: int, d: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    def threshold(i: int, d: torch.Tensor) -> float:
         if scope != "tensor":
-            return ties_thresholds([d], ctx=ctx, density=density, scope=scope, first=i)[0]
-        bits = abs_bits(magnitude)
+            return float(ties_thresholds([d], ctx=ctx, density=density, scope=scope, first=i)[0])
         # Pass 0 of the radix select does not depend on the density: a sweep over densities counts it once.
-        hist = ctx.remember(("ties_top_histogram", ctx.expert_id(i)), lambda: top_histogram(bits))
-        value = kth_largest_in(bits, hist, keep_count(density, d.numel()))
-        return torch.tensor(value, dtype=d.dtype, device=d.device)
+        hist = ctx.remember(("ties_top_histogram", ctx.expert_id(i)),
+                            lambda: magnitude_histogram(d, threads=ctx.threads))
+        return kth_largest_magnitude(d, hist, keep_count(density, d.numel()), threads=ctx.threads)
 
     def direction() -> torch.Tensor:
-        trimmed = []
-        for i, delta in enumerate(deltas):
-            d = dense(delta)
-            magnitude = d.abs()  # once, for the threshold and the trim
-            t = threshold(i, d, magnitude)
-            trimmed.append(torch.where(magnitude >= t, d, torch.zeros((), dtype=d.dtype, device=d.device)))
-        return ties_merge(trimmed, w, normalize=normalize)
+        dense_deltas = [dense(delta) for delta in deltas]
+        thresholds = [threshold(i, d) for i, d in enumerate(dense_deltas)]
+        return ties_consensus(dense_deltas, w, normalize=normalize, thresholds=thresholds, threads=ctx.threads)
 
     # τ_m does not depend on λ: a sweep over scales computes it once (same operations, same bytes).
     key = ("ties", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w), density, scope, normalize)
