@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from .shard_runs import SharedInputs
 
 __all__ = ["BLOCK_ELEMENTS", "stream_mode", "row_blocks", "block_peak_bytes", "BlockInputs", "BlockReader", "merge_block",
-           "non_finite_message", "one_intra_op_thread", "keep_freed_memory"]
+           "non_finite_message", "one_intra_op_thread", "compute_threads", "keep_freed_memory"]
 
 #: Values per block (float32: 4 MiB per input). Small enough to stay near the CPU caches, large enough that
 #: the per-block Python overhead (a few dozen torch calls) is a few percent. ``OMNIMERGE_BLOCK_ELEMENTS``
@@ -150,6 +150,15 @@ def one_intra_op_thread() -> Iterator[None]:
             _threads_users -= 1
             if _threads_users == 0 and _threads_saved != 1:
                 torch.set_num_threads(_threads_saved)
+
+
+def compute_threads() -> int:
+    """Threads one job's chunked kernels may use at once (``MergeContext.threads``) inside
+    :func:`one_intra_op_thread`: the intra-op threads torch had before it took them (all cores of the process
+    locally; the task's CPUs in a Ray worker, where Ray sets ``OMP_NUM_THREADS``), shared among the jobs inside
+    it now. 1 outside it."""
+    with _threads_lock:
+        return max(1, _threads_saved // _threads_users) if _threads_users else 1
 
 
 def non_finite_message(name: str, where: str, bad: int) -> str:

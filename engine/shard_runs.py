@@ -30,13 +30,16 @@ later members of their batch (grows with batched runs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -134,7 +137,14 @@ class SharedInputs:
         self._base32: dict[str, torch.Tensor] = {}
         self._deltas: dict[tuple[str, int], Delta] = {}
         self._dense: dict[tuple[str, int], torch.Tensor] = {}
-        self.buffers = _Buffers()  # reused float32 buffers of the streamed path
+        self.reader_pool: ThreadPoolExecutor | None = None  # reads the next block while this one converts
+        self._lane_buffers: list[_Buffers] = []  # reused float32 buffers of the streamed path, one set per lane
+
+    def buffers(self, lane: int) -> _Buffers:
+        """The streamed path's reused buffers of compute lane ``lane`` (blocks computed at once need their own)."""
+        while len(self._lane_buffers) <= lane:
+            self._lane_buffers.append(_Buffers())
+        return self._lane_buffers[lane]
 
     def _reader(self, i: int) -> TensorReader:
         if i not in self._readers:
@@ -159,13 +169,56 @@ class SharedInputs:
     def base32(self, name: str) -> torch.Tensor:
         """θ₀ in float32 on the device, checked finite."""
         if name not in self._base32:
-            raw = self.base_raw(name)
             t0 = time.perf_counter()
-            b = raw.to(self.device, torch.float32)
-            check_finite(b, name, f"base ({self.base_source.spec.source})")
+            where = f"base ({self.base_source.spec.source})"
+            if name in self._raw or self.device != "cpu":
+                b = self.base_raw(name).to(self.device, torch.float32)
+                check_finite(b, name, where)
+            else:
+                reader, stored = self.source_of(name, "base")  # type: ignore[misc]
+                b, finite = self._read32(reader, stored)
+                if not finite:
+                    self._raise_non_finite(reader, stored, name, where)
             self._base32[name] = b
             self.seconds += time.perf_counter() - t0
         return self._base32[name]
+
+    def _read32(self, reader: TensorReader, stored: str, minus: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """A stored tensor in float32 (minus ``minus``, same shape, when given) and whether its sum is finite,
+        read and converted block of rows by block (the next block read on the reader thread): each value
+        converted, then subtracted, exactly as a whole-tensor ``to(float32).sub_`` does, without holding the
+        stored copy or a second pass over memory."""
+        info = reader.index[stored]
+        shape = tuple(info.shape)
+        blocks = row_blocks(shape, "elements", row_stream.BLOCK_ELEMENTS)
+        if len(shape) == 0 or len(blocks) == 1:
+            t = reader.read(stored)
+            self._count(t)
+            out = t.to(torch.float32)
+            if minus is not None:
+                out.sub_(minus)
+            return out, math.isfinite(out.sum().item())
+        out = torch.empty(shape, dtype=torch.float32)
+        finite = True
+        block_reader = BlockReader({"x": (reader, stored)}, blocks, self.reader_pool)
+        try:
+            for start, stop, raw in block_reader:
+                rows = raw["x"]
+                self._count(rows)  # type: ignore[arg-type]
+                o = out[start:stop]
+                o.copy_(rows)  # type: ignore[arg-type]
+                if minus is not None:
+                    o.sub_(minus[start:stop])
+                finite = finite and math.isfinite(o.sum().item())
+        finally:
+            block_reader.close()
+        return out, finite
+
+    def _raise_non_finite(self, reader: TensorReader, stored: str, name: str, where: str) -> None:
+        """Raise :class:`NonFiniteError` when the stored tensor holds NaN/Inf (counted over the whole tensor)."""
+        bad = row_stream._count_non_finite(reader, stored)
+        if bad:
+            raise NonFiniteError(row_stream.non_finite_message(name, where, bad))
 
     def delta(self, name: str, i: int, *, lowrank: bool) -> Delta:
         """Task vector of pool expert ``i`` for tensor ``name``: a LoRA expert's factors when ``lowrank``
@@ -191,6 +244,11 @@ class SharedInputs:
         if source is not None:
             # θ₀ is finite (checked), so a non-finite τᵢ means a NaN/Inf in θᵢ or an overflow of finite values;
             # one sum tells, and only then is θᵢ itself checked.
+            if self.device == "cpu":
+                d, finite = self._read32(source[0], source[1], base32)
+                if not (finite or bool(torch.isfinite(d).all())):
+                    self._raise_non_finite(source[0], source[1], name, self.where(name, i))
+                return d
             t = source[0].read(source[1])
             self._count(t)
             d = t.to(self.device, torch.float32).sub_(base32)
@@ -366,8 +424,9 @@ class _Run:
 
     def contexts(self, names: Sequence[str], memo: dict, namespace: tuple) -> list[MergeContext]:
         view = _MemoView(memo, namespace)
+        threads = row_stream.compute_threads()
         return [MergeContext(tensor_name=n, seed=self.slot.seed, expert_ids=self.slot.expert_ids, memo=view,
-                             model_stats=self.slot.model_stats) for n in names]
+                             model_stats=self.slot.model_stats, threads=threads) for n in names]
 
 
 def _merge_one(run: _Run, task: TensorTask, inputs: SharedInputs, memo: dict) -> torch.Tensor:
@@ -457,9 +516,12 @@ def _can_stream(name: str, runs: Sequence[_Run], inputs: SharedInputs) -> bool:
 
 
 def _stream_tensor(name: str, runs: Sequence[_Run], inputs: SharedInputs, reader_pool: ThreadPoolExecutor | None,
-                   block_elements: int) -> tuple[int, float, int]:
+                   compute_pool: ThreadPoolExecutor | None, block_elements: int,
+                   max_lanes: int = 1) -> tuple[int, float, int]:
     """Every run's output of tensor ``name``, block of rows by block; (bytes written, runs' own seconds,
-    blocks)."""
+    blocks). With ``compute_pool`` (of ``max_lanes`` threads) up to :func:`~.row_stream.compute_threads` blocks
+    are computed at once, each on one torch thread with its own buffers, and written in block order; random
+    methods draw one stream per tensor, so their blocks go in turn."""
     tasks = [run.tasks[name] for run in runs]
     used = sorted({i for run, t in zip(runs, tasks) if t.action == "merge" for i in run.slot.experts})
     sources: dict[Any, Any] = {"base": inputs.source_of(name, "base")}
@@ -468,16 +530,34 @@ def _stream_tensor(name: str, runs: Sequence[_Run], inputs: SharedInputs, reader
     shape = tasks[0].shape
     blocks = row_blocks(shape, stream_mode(tasks) or "elements", block_elements)
     generators: dict[str, dict] = {run.slot.run_id: {} for run in runs}  # one stream per salt, tensor and run
+    pending: deque[Future] = deque()
     own = 0.0
     reader = BlockReader(sources, blocks, reader_pool)
     try:
         with one_intra_op_thread():
-            for start, stop, raw in reader:
+            lanes = 1
+            if compute_pool is not None and len(blocks) > 1 and not any(
+                    t.action == "merge" and get_method(t.method).random for t in tasks):
+                lanes = max(1, min(max_lanes, row_stream.compute_threads()))
+            for k, (start, stop, raw) in enumerate(reader):
                 inputs.bytes_read += sum(r.numel() * r.element_size() for r in raw.values() if r is not None)
-                block = BlockInputs(inputs, name, raw, inputs.buffers, wheres)
+                block = BlockInputs(inputs, name, raw, inputs.buffers(k % lanes), wheres)
                 block_shape = (stop - start, *shape[1:]) if shape else ()
-                own += _write_block(block, _compute_block(block, block_shape, runs, tasks, generators), runs)
+                if lanes == 1:
+                    own += _write_block(block, _compute_block(block, block_shape, runs, tasks, generators), runs)
+                    continue
+                if len(pending) == lanes:  # block k reuses block (k − lanes)'s buffers: write that one first
+                    own += _write_block(*pending.popleft().result(), runs=runs)
+                pending.append(compute_pool.submit(_compute_block_for, block, block_shape, runs, tasks,  # type: ignore[union-attr]
+                                                   generators))
+            while pending:
+                own += _write_block(*pending.popleft().result(), runs=runs)
     finally:
+        for fut in pending:
+            fut.cancel()
+        for fut in pending:
+            with contextlib.suppress(Exception):
+                fut.result()
         reader.close()
     return sum(t.out_bytes for run, t in zip(runs, tasks) if run.error is None), own, len(blocks)
 
@@ -512,6 +592,11 @@ def _compute_block(block: BlockInputs, block_shape: tuple[int, ...], runs: Seque
     return results
 
 
+def _compute_block_for(block: BlockInputs, block_shape: tuple[int, ...], runs: Sequence[_Run],
+                       tasks: Sequence[TensorTask], generators: dict[str, dict]) -> tuple[BlockInputs, list]:
+    return block, _compute_block(block, block_shape, runs, tasks, generators)
+
+
 def _write_block(block: BlockInputs, results: list[_Result | None], runs: Sequence[_Run]) -> float:
     """Append each run's rows of a computed block to its shard (in block order); returns the runs' seconds."""
     block.inputs.seconds += block.seconds
@@ -543,7 +628,7 @@ def _maybe_die(fault: str, tensor: str) -> None:
 def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[ResolvedSource], *,
               device: str = "cpu", progress: ProgressFn | None = None, fault: str | None = None,
               stats: dict[str, Any] | None = None, block_elements: int | None = None,
-              prefetch: bool = True, stream: bool = True) -> list[SlotOutcome]:
+              prefetch: bool = True, stream: bool = True, parallel_blocks: bool = True) -> list[SlotOutcome]:
     """Write every slot's shard in one pass over the tensors; one outcome per slot, in order.
 
     All slots must list the same tensor names in the same order (the same shard layout). Errors of one slot
@@ -551,7 +636,9 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
     when given, receives ``bytes_read``, ``shared_seconds`` (reading, task vectors) and ``seconds``.
     Tensors whose every run streams (:mod:`~omnimerge.engine.row_stream`) go through in row blocks of about
     ``block_elements`` values (default ``row_stream.BLOCK_ELEMENTS``), the next block read on a thread while
-    this one is merged (``prefetch``); ``stream=False`` takes the whole-tensor path for every tensor.
+    this one is merged (``prefetch``), as many blocks computed at once as the job has cores
+    (``parallel_blocks``, :func:`~.row_stream.compute_threads`); ``stream=False`` takes the whole-tensor path
+    for every tensor.
     ``stats`` also receives ``streamed_tensors`` and ``blocks``.
     """
     start = time.perf_counter()
@@ -575,6 +662,10 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
     block_elements = block_elements or row_stream.BLOCK_ELEMENTS
     streamed = blocks = 0
     reader_pool = ThreadPoolExecutor(1, thread_name_prefix="omnimerge-read") if prefetch else None
+    inputs.reader_pool = reader_pool
+    cores = torch.get_num_threads()
+    compute_pool = (ThreadPoolExecutor(cores, thread_name_prefix="omnimerge-block")
+                    if stream and parallel_blocks and cores > 1 else None)
     try:
         with torch.no_grad():
             for name in order:
@@ -582,7 +673,8 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
                     _maybe_die(fault, name)
                 live = [run for run in runs if run.error is None]
                 if stream and _can_stream(name, live, inputs):
-                    written, mine, n_blocks = _stream_tensor(name, live, inputs, reader_pool, block_elements)
+                    written, mine, n_blocks = _stream_tensor(name, live, inputs, reader_pool, compute_pool,
+                                                             block_elements, cores)
                     streamed, blocks = streamed + 1, blocks + n_blocks
                 else:
                     written, mine = _whole_tensor(name, live, inputs)
@@ -591,8 +683,9 @@ def run_slots(slots: Sequence[RunSlot], base: ResolvedSource, pool: Sequence[Res
                 if progress and written:
                     progress("tensor", written)
     finally:
-        if reader_pool is not None:
-            reader_pool.shutdown(wait=True)
+        for pool in (reader_pool, compute_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
         inputs.close()
     # Shared time (reading, task vectors, bookkeeping) and bytes read are split evenly over the runs served,
     # so a lone merge reports its whole time and reads, and a sweep's per-run figures add up to the job's.

@@ -153,6 +153,40 @@ def test_streamed_shards_equal_the_whole_tensor_path_with_a_lora_expert(zoo_dir:
     assert s_stats["blocks"] > 10 * s_stats["streamed_tensors"]
 
 
+def test_parallel_blocks_give_the_bytes_of_one_block_at_a_time(zoo_dir: Path, tmp_path: Path) -> None:
+    """Two blocks computed at once on two threads (each with its own buffers), written in order: the same
+    shards as one block at a time and as the whole-tensor path; random methods go one block at a time."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)  # the job may use two cores, whatever this machine has
+    try:
+        for method, params in (("task_arithmetic", {"scale": 0.6}), ("dare_linear", {"p": 0.3})):
+            recipe = _recipe(zoo_dir, method, params)
+            two, stats = _run_jobs(recipe, tmp_path / f"{method}-2", block_elements=5)
+            one, _ = _run_jobs(recipe, tmp_path / f"{method}-1", block_elements=5, parallel_blocks=False)
+            whole, _ = _run_jobs(recipe, tmp_path / f"{method}-w", stream=False)
+            assert two == one == whole, method
+            assert stats["blocks"] > 10 * stats["streamed_tensors"] > 0
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3, "scale": 0.8}),
+                                           ("dare_ties", {"p": 0.2, "density": 0.5}),
+                                           ("breadcrumbs", {"density": 0.8, "gamma": 0.05})])
+def test_whole_tensor_path_reads_in_blocks_with_the_bytes_of_whole_reads(zoo_dir: Path, tmp_path: Path,
+                                                                         tiny_blocks: int, method: str,
+                                                                         params: dict) -> None:
+    """Whole-tensor methods get θ₀ and τᵢ converted block of rows by block into whole float32 tensors: the same
+    values as converting the whole stored tensors at once (the reference reads them with safetensors)."""
+    recipe = _recipe(zoo_dir, method, params)
+    _merge(recipe, tmp_path / "out")
+    got = load_state_dict(tmp_path / "out")
+    want = _whole_reference(zoo_dir, recipe)
+    assert len(want) > 20
+    for name, w in want.items():
+        assert torch.equal(_bits(got[name]), _bits(w)), f"{method}: {name}"
+
+
 def test_whole_tensor_methods_do_not_stream(zoo_dir: Path, tmp_path: Path) -> None:
     recipe = _recipe(zoo_dir, "ties", {"density": 0.5}, preset="qwen2_vl")
     _, stats = _run_jobs(recipe, tmp_path / "t", block_elements=5)
@@ -160,8 +194,9 @@ def test_whole_tensor_methods_do_not_stream(zoo_dir: Path, tmp_path: Path) -> No
     assert stats["streamed_tensors"] == kept  # kept tensors stream; TIES needs whole tensors
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])  # streamed; whole tensor read in blocks
 def test_non_finite_values_in_two_blocks_are_counted_over_the_whole_tensor(zoo_dir: Path, tmp_path: Path,
-                                                                           tiny_blocks: int) -> None:
+                                                                           tiny_blocks: int, method: str) -> None:
     bad = tmp_path / "nan"
     bad.mkdir()
     for f in (zoo_dir / "qwen_e1").iterdir():
@@ -175,7 +210,7 @@ def test_non_finite_values_in_two_blocks_are_counted_over_the_whole_tensor(zoo_d
     save_file(tensors, shard, metadata={"format": "pt"})
     recipe = parse_recipe({"base": str(zoo_dir / "qwen_base"),
                            "experts": {"e0": str(zoo_dir / "qwen_e0"), "nanny": str(bad)},
-                           "method": "task_arithmetic", "shard_size": "60KB"})
+                           "method": method, "shard_size": "60KB"})
     with pytest.raises(NonFiniteError, match=rf"Tensor '{target}' of expert 'nanny' \(.*nan\) holds 2 non-finite "
                                              r"value\(s\) \(NaN/Inf\)"):
         _merge(recipe, tmp_path / "out")
