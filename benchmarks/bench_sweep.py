@@ -64,16 +64,19 @@ def sweep_document(base: str, experts: list[str], shard_size: str) -> dict[str, 
 
 def run_timed(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run ``cmd``; wall and CPU seconds, the engine's 'read N MB' and the tail of stderr."""
+    load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = (load_before, os.getloadavg()[0])
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     match = _READ_RE.search(proc.stderr)
     return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "read_bytes": int(float(match.group(1)) * 1e6) if match else None, "stderr_tail": proc.stderr[-600:]}
+            "load_1min": load, "read_bytes": int(float(match.group(1)) * 1e6) if match else None,
+            "stderr_tail": proc.stderr[-600:]}
 
 
 def _warm(paths: list[Path]) -> int:
@@ -94,6 +97,21 @@ def _shard_hashes(model_dir: Path) -> dict[str, str]:
 
 def _written(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+
+
+def _omnimerge_code() -> dict[str, str]:
+    """Which omnimerge the timed commands import (a ``PYTHONPATH`` copy of another commit, or this checkout)
+    and this checkout's commit."""
+    import omnimerge.engine
+
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    return {"engine_path": str(Path(omnimerge.engine.__file__).resolve().parent), "checkout_commit": commit,
+            "pythonpath": os.environ.get("PYTHONPATH", "")}
 
 
 def _fmt(n: float | None) -> str:
@@ -146,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs = json.loads((out / "sweep.json").read_text())["runs"]
                 m["runs"] = len(runs)
                 m["written_bytes"] = sum(_written(out / "runs" / r["run_id"]) for r in runs)
-                print(f"[{rep + 1}/{args.repeat}] sweep: {m['wall_s']:.1f} s", file=sys.stderr)
+                print(f"[{rep + 1}/{args.repeat}] sweep: {m['wall_s']:.1f} s (load {m['load_1min'][0]:.2f} → "
+                      f"{m['load_1min'][1]:.2f})", file=sys.stderr)
             else:
                 per_run = []
                 for recipe in sorted(recipes_dir.glob("*.yaml")):
@@ -157,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     per_run.append(r)
                     print(f"[{rep + 1}/{args.repeat}] merge {recipe.stem}: {r['wall_s']:.1f} s", file=sys.stderr)
                 m = {"wall_s": sum(r["wall_s"] for r in per_run), "cpu_s": sum(r["cpu_s"] for r in per_run),
+                     "load_1min": (per_run[0]["load_1min"][0], per_run[-1]["load_1min"][1]),
                      "read_bytes": sum(r["read_bytes"] or 0 for r in per_run), "runs": len(per_run),
                      "written_bytes": sum(r["written_bytes"] for r in per_run),
                      "per_run": [{k: v for k, v in r.items() if k != "stderr_tail"} for r in per_run]}
@@ -188,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_sweep", "set": {k: info[k] for k in ("base", "experts", "n_params", "bytes_per_model",
                                                                   "n_shards")},
         "layers": args.layers, "shard_size": args.shard_size, "repeat": args.repeat,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "omnimerge": _omnimerge_code()},
         "measurements": measurements, "wall_ratio": ratio, "target_ratio": TARGET_RATIO,
         "meets_target": ratio <= TARGET_RATIO, "outputs_identical": all(identical) and bool(identical),
     }

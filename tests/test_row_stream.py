@@ -242,6 +242,9 @@ def test_rewritten_element_wise_methods_keep_the_bits_of_their_previous_formulas
     for scale in (0.3, 0.5, 1.0, 1 / 3):
         got = fn["task_arithmetic"](base, deltas, ctx=ctx, weights=w, scale=scale)
         assert torch.equal(_bits(got), _bits(base + scale * acc_of(w)))
+        unit = [1.0, 1.0, 1.0]  # w₀ = 1: the sum starts at τ₀ + 0.0 (no product)
+        got = fn["task_arithmetic"](base, deltas, ctx=MergeContext(tensor_name="t"), weights=unit, scale=scale)
+        assert torch.equal(_bits(got), _bits(base + scale * acc_of(unit)))
         got = fn["weight_average"](base, deltas, ctx=ctx, weights=w, scale=scale)
         assert torch.equal(_bits(got), _bits(base + scale * acc_of([x / sum(w) for x in w])))
     got = fn["linear"](base, deltas, ctx=ctx, weights=w)

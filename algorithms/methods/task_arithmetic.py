@@ -21,8 +21,10 @@ def task_arithmetic(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeCo
     w = as_sequence(weights, len(deltas))
 
     def weighted_sum() -> torch.Tensor:
-        # 0 + w₀τ₀ without a tensor of zeros: w₀·τ₀ + 0.0 has its bits (−0 becomes +0 alike), then Σ in order.
-        acc = torch.mul(dense(deltas[0]), w[0]).add_(0.0)
+        # 0 + w₀τ₀ without a tensor of zeros: w₀·τ₀ + 0.0 has its bits (−0 becomes +0 alike), then Σ in order;
+        # with w₀ = 1 the product is τ₀ itself (one pass fewer).
+        first = dense(deltas[0])
+        acc = torch.add(first, 0.0) if w[0] == 1.0 else torch.mul(first, w[0]).add_(0.0)
         for wi, d in zip(w[1:], deltas[1:]):
             acc.add_(dense(d), alpha=wi)
         return acc
