@@ -12,9 +12,12 @@ defaults). Diagnostic variants of ``ray-N`` add ``+``-separated switches that un
 workers: libgomp's spin-waiting), ``t1`` (one torch thread per worker instead of the driver's count; SVD-based
 methods then differ in the last bits), e.g. ``--configs local-1,local-2,ray-1,ray-2,ray-2+q2+spin``.
 
-Usage::
+Usage (the runs reported in docs/cluster.md)::
 
-    python benchmarks/bench_ray_scaling.py --layers 4 --out /tmp/ray_scaling.json
+    python benchmarks/bench_ray_scaling.py --layers 24 --methods task_arithmetic --repeat 3 \
+        --omp-wait-policy PASSIVE --out ta.json
+    python benchmarks/bench_ray_scaling.py --layers 4 --methods optmerge --shard-size 30MB \
+        --omp-wait-policy PASSIVE --configs local-1,local-2,ray-1,ray-2,ray-2+t1 --out optmerge.json
 
 Prints a table and writes JSON (machine, load average, versions, every run's timings and per-worker figures).
 Numbers on a shared 2-core machine are noisy: the load average before each run is recorded with it.

@@ -294,14 +294,18 @@ def _hold(spec: str, shard: str, slot: str) -> None:
 
 
 def _free_device_memory(device: str) -> None:
+    """Hand a job's CUDA memory back between jobs (cycles first, then torch's cache). Nothing on CPU, where
+    reference counting frees a job's tensors: a full ``gc.collect()`` in a worker with torch and Ray loaded took
+    ~120 ms here, about 0.1 s of Ray overhead per job on the benchmark."""
+    if not device.startswith("cuda"):
+        return
     import gc
 
-    gc.collect()
-    if device.startswith("cuda"):
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _relocate(src: Any, base: Any, node: str) -> Any:
@@ -395,6 +399,8 @@ class RayExecutor:
             raise PlanError(f"storage {storage!r} is not one of {', '.join(STORAGE_MODES)}.")
         if workers is not None and workers < 1:
             raise PlanError(f"workers must be at least 1, not {workers}.")
+        if threads is not None and threads < 1:
+            raise PlanError(f"threads per worker must be at least 1, not {threads}.")
         self.workers = workers
         self.device = device
         self.session = session

@@ -98,9 +98,8 @@ class TestOnLocalRay:
     ])
     def test_byte_identical_to_local_executor(self, zoo_dir: Path, ref_dir: Path, tmp_path: Path, method: str,
                                               params: dict[str, Any]) -> None:
-        executor = RayExecutor(workers=2)
-        report = run_merge(parse_recipe(_doc(zoo_dir, method, params)), tmp_path / "ray", executor=executor,
-                           progress=False)
+        executor, report = _merge_on_both_workers(parse_recipe(_doc(zoo_dir, method, params)), tmp_path / "ray",
+                                                  tmp_path / "hold")
         assert len(report.results) == 9
         assert _weights(tmp_path / "ray") == _reference(zoo_dir, ref_dir, method, params)
         stats = executor.worker_stats()
@@ -217,9 +216,11 @@ class TestOnLocalRay:
                                                                        tmp_path: Path) -> None:
         # dare_ties is random (seeded by the recipe seed and the tensor name): the same bits on every worker.
         scratch = tmp_path / "node-scratch"
-        executor = RayExecutor(workers=2, storage="none", scratch_dir=scratch, max_inflight_bytes=100_000)
-        report = run_merge(parse_recipe(_doc(zoo_dir, "dare_ties", {"p": 0.3, "density": 0.5})), tmp_path / "ray",
-                           executor=executor, progress=False)
+        recipe = parse_recipe(_doc(zoo_dir, "dare_ties", {"p": 0.3, "density": 0.5}))
+        sizes = sorted(j.write_bytes for j in plan_merge(recipe).jobs)
+        budget = sizes[-1] + sizes[-2]  # bytes in flight bounded, yet any two shards fit: one per worker
+        executor, report = _merge_on_both_workers(recipe, tmp_path / "ray", tmp_path / "hold", storage="none",
+                                                  scratch_dir=scratch, max_inflight_bytes=budget)
         assert _weights(tmp_path / "ray") == _reference(zoo_dir, ref_dir, "dare_ties", {"p": 0.3, "density": 0.5})
         stats = executor.stats()
         # Every shard's bytes crossed the object store and were written by the coordinator.
@@ -233,6 +234,32 @@ class TestOnLocalRay:
 
 def _held(hold: Path) -> list[Path]:
     return sorted(hold.parent.glob(f"{hold.name}.*.held"))
+
+
+def _merge_on_both_workers(recipe: Any, out: Path, hold: Path, **executor_kwargs: Any) -> tuple[RayExecutor, Any]:
+    """Merge on 2 workers, holding each worker's first job until both hold one, so both take part: on the tiny
+    models the worker that starts first could otherwise finish all 9 jobs before the other one is up."""
+    hold.write_text("held")
+    executor = RayExecutor(workers=2, hold=f"*:{hold}", **executor_kwargs)
+    box: dict[str, Any] = {}
+
+    def merge() -> None:
+        try:
+            box["report"] = run_merge(recipe, out, executor=executor, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=merge, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: len(_held(hold)) == 2 or not thread.is_alive(), 120, "both workers to hold a job")
+    finally:
+        hold.unlink()
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "merge did not finish"
+    if "error" in box:
+        raise box["error"]
+    return executor, box["report"]
 
 
 def _wait_for(predicate: Any, timeout: float, what: str) -> None:
