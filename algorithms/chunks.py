@@ -12,7 +12,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-__all__ = ["in_parts", "run_parts"]
+__all__ = ["in_parts", "run_parts", "scaled_add", "cast_chunked"]
 
 T = TypeVar("T")
 
@@ -32,3 +32,45 @@ def run_parts(fn: Callable[[int], T], count: int) -> list[T]:
         return [fn(k) for k in range(count)]
     with ThreadPoolExecutor(count, thread_name_prefix="omnimerge-chunk") as pool:
         return list(pool.map(fn, range(count)))
+
+
+SCALE_CHUNK = 1 << 18  # values per chunk of scaled_add / cast_chunked (float32: 1 MiB)
+
+
+def scaled_add(x: "torch.Tensor", scale: float, base: "torch.Tensor", *, threads: int = 1) -> "torch.Tensor":
+    """A new tensor ``x·scale + base``, multiplied then added element by element — the bits of
+    ``base + scale * x`` — chunk by chunk on ``threads`` threads (one pass over memory instead of two)."""
+    import torch
+
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # as x.mul(scale).add_(base)
+    n = out.numel()
+    if x.device.type != "cpu" or n <= SCALE_CHUNK or x.shape != base.shape:
+        return torch.mul(x, scale, out=out).add_(base)
+    xf, bf, of = x.reshape(-1), base.reshape(-1), out.view(-1)
+    parts = in_parts(n, SCALE_CHUNK, threads)
+
+    def work(k: int) -> None:
+        for s, e in parts[k]:
+            torch.mul(xf[s:e], scale, out=of[s:e]).add_(bf[s:e])
+
+    run_parts(work, len(parts))
+    return out
+
+
+def cast_chunked(t: "torch.Tensor", dtype: "torch.dtype", *, threads: int = 1) -> "torch.Tensor":
+    """``t.to(dtype)`` (contiguous, CPU) converted chunk by chunk on ``threads`` threads (the same rounding per
+    element)."""
+    import torch
+
+    if t.device.type != "cpu" or threads <= 1 or t.numel() <= SCALE_CHUNK:
+        return t.to(dtype).contiguous()
+    out = torch.empty(t.shape, dtype=dtype)
+    src, dst = t.contiguous().reshape(-1), out.view(-1)
+    parts = in_parts(src.numel(), SCALE_CHUNK, threads)
+
+    def work(k: int) -> None:
+        for s, e in parts[k]:
+            dst[s:e].copy_(src[s:e])
+
+    run_parts(work, len(parts))
+    return out

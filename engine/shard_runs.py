@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from omnimerge.algorithms.base import Delta, LowRank, MergeContext
+from omnimerge.algorithms.chunks import cast_chunked
 from omnimerge.algorithms.registry import get_method
 
 from .errors import NonFiniteError, ShardJobError
@@ -111,9 +112,12 @@ def check_finite(t: torch.Tensor, name: str, where: str) -> None:
         f"meaningless; repair or drop that checkpoint, or keep '{name}' at base with a rule.")
 
 
-def cast(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """``t`` in the storage dtype, contiguous, on the CPU (no copy when it already is)."""
+def cast(t: torch.Tensor, dtype: str, threads: int = 1) -> torch.Tensor:
+    """``t`` in the storage dtype, contiguous, on the CPU (no copy when it already is); a large CPU tensor is
+    converted chunk by chunk on ``threads`` threads."""
     want = DTYPES[dtype].torch
+    if t.dtype != want and t.device.type == "cpu":
+        return cast_chunked(t, want, threads=threads)
     if t.dtype != want or t.device.type != "cpu":
         return t.to(want).contiguous().cpu()
     return t.contiguous()
@@ -457,15 +461,16 @@ def _merge_batch(run: _Run, tasks: list[TensorTask], inputs: SharedInputs, memo:
 def _output(run: _Run, task: TensorTask, inputs: SharedInputs, memo: dict) -> torch.Tensor:
     if task.name in run.ready:
         return run.ready.pop(task.name)
+    threads = row_stream.compute_threads()
     if task.action == "keep":
-        return cast(inputs.base_raw(task.name), task.out_dtype)
+        return cast(inputs.base_raw(task.name), task.out_dtype, threads)
     if task.name in run.batches:
         members = run.batches[task.name]
         results = _merge_batch(run, members, inputs, memo)
         for member, res in zip(members[1:], results[1:]):
             run.ready[member.name] = cast(res, member.out_dtype)
         return cast(results[0], task.out_dtype)
-    return cast(_merge_one(run, task, inputs, memo), task.out_dtype)
+    return cast(_merge_one(run, task, inputs, memo), task.out_dtype, threads)
 
 
 def _whole_tensor(name: str, runs: Sequence[_Run], inputs: SharedInputs) -> tuple[int, float]:

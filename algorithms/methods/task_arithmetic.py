@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ..base import Delta, MergeContext, as_sequence, dense
+from ..chunks import scaled_add
 from ..registry import register
 
 
@@ -33,4 +34,4 @@ def task_arithmetic(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeCo
     # (float multiplication and addition are commutative), in one new tensor.
     key = ("task_arithmetic", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w))
     acc = ctx.remember(key, weighted_sum)
-    return acc.mul(scale).add_(base)
+    return scaled_add(acc, scale, base, threads=ctx.threads)  # the bits of θ₀ + λ·τ_m, one new tensor

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..base import Delta, MergeContext, as_sequence, dense
+from ..chunks import scaled_add
 from ..consensus import ties_consensus
 from ..registry import in_range, one_of, register
 from ..selection import TiesThresholdPrepass, keep_count, kth_largest_magnitude, magnitude_histogram
@@ -92,6 +93,8 @@ def ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weig
     w = as_sequence(weights, len(deltas))
 
     def threshold(i: int, d: torch.Tensor) -> float:
+        if d.numel() == 0:  # nothing to trim
+            return 0.0
         if scope != "tensor":
             return float(ties_thresholds([d], ctx=ctx, density=density, scope=scope, first=i)[0])
         # Pass 0 of the radix select does not depend on the density: a sweep over densities counts it once.
@@ -107,4 +110,4 @@ def ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weig
     # τ_m does not depend on λ: a sweep over scales computes it once (same operations, same bytes).
     key = ("ties", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w), density, scope, normalize)
     merged = ctx.remember(key, direction)
-    return merged.mul(scale).add_(base)  # the bits of θ₀ + λ·τ_m (both operations commute), one new tensor
+    return scaled_add(merged, scale, base, threads=ctx.threads)  # the bits of θ₀ + λ·τ_m, one new tensor
