@@ -321,6 +321,14 @@ def compare_outputs(omni_dir: Path, mk_dir: Path, base: str, experts: Sequence[s
     }
 
 
+def _output_hashes(out: Path) -> dict[str, str]:
+    """sha256 of every shard of an omnimerge output (from its manifest; empty when there is none)."""
+    manifest = out / "omnimerge_manifest.json"
+    if not manifest.exists():
+        return {}
+    return {name: s["sha256"] for name, s in json.loads(manifest.read_text()).get("shards", {}).items()}
+
+
 def _open_model(path: str) -> dict[str, Any]:
     return _open_output(Path(path))
 
@@ -360,16 +368,17 @@ def _summarise(runs: list[RunResult]) -> dict[str, dict[str, Any]]:
 
 
 def _table(summary: dict[str, dict[str, Any]], reference: str | None) -> str:
-    head = f"{'tool':<22s} {'runs':>4s} {'best wall s':>11s} {'median s':>9s} {'cpu s':>8s} " \
+    w = max([22, *(len(t) for t in summary)])
+    head = f"{'tool':<{w}s} {'runs':>4s} {'best wall s':>11s} {'median s':>9s} {'cpu s':>8s} " \
            f"{'peak RSS MB':>11s} {'procs':>5s} {'vs mergekit':>11s}"
     lines = [head, "-" * len(head)]
     ref = summary.get(reference or "", {})
     for tool, s in summary.items():
         if not s.get("ok"):
-            lines.append(f"{tool:<22s} {'FAILED':>4s}")
+            lines.append(f"{tool:<{w}s} {'FAILED':>4s}")
             continue
         ratio = f"{s['best_wall_s'] / ref['best_wall_s']:.2f}x" if ref.get("ok") and tool != reference else ""
-        lines.append(f"{tool:<22s} {s['runs']:4d} {s['best_wall_s']:11.1f} {s['median_wall_s']:9.1f} "
+        lines.append(f"{tool:<{w}s} {s['runs']:4d} {s['best_wall_s']:11.1f} {s['median_wall_s']:9.1f} "
                      f"{s['best_cpu_s']:8.1f} {s['peak_rss_bytes'] / 1e6:11.0f} {s['max_processes']:5d} "
                      f"{ratio:>11s}")
     return "\n".join(lines)
@@ -437,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="omnimerge --workers (default: its own)")
     p.add_argument("--omnimerge-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the omnimerge runs (repeatable), e.g. RAY_worker_niceness=0")
+    p.add_argument("--also-code", action="append", default=[], metavar="LABEL=DIR",
+                   help="also time the omnimerge code importable from DIR (a copy of another commit laid out as "
+                        "DIR/omnimerge/{engine,algorithms,cluster,benchmarks}), with PYTHONPATH=DIR, as 'omnimerge@LABEL "
+                        "(executor)', interleaved with the others (repeatable): before/after in one run")
     p.add_argument("--mergekit-threads", type=int, default=None, help="mergekit --num-threads (default: torch's)")
     p.add_argument("--repeat", type=int, default=2, help="runs per tool (interleaved); best wall time is reported")
     p.add_argument("--poll", type=float, default=0.05, help="seconds between process-tree memory samples")
@@ -468,11 +481,19 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not key:
             p.error(f"--omnimerge-env wants KEY=VALUE, got {item!r}")
         omni_env[key] = value
+    codes: list[tuple[str, dict[str, str]]] = [("", omni_env)]
+    for item in args.also_code:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not (Path(path) / "omnimerge" / "engine").is_dir():
+            p.error(f"--also-code wants LABEL=DIR with DIR/omnimerge/engine, got {item!r}")
+        codes.append((f"@{label}", {**omni_env, "PYTHONPATH": os.pathsep.join(
+            x for x in (str(Path(path).resolve()), omni_env.get("PYTHONPATH", "")) if x)}))
     tools: list[tuple[str, Path, list[str], dict[str, str] | None]] = []
     for executor in [e.strip() for e in args.executors.split(",") if e.strip()]:
-        out = work / f"out-omnimerge-{executor}"
-        tools.append((f"omnimerge ({executor})", out, _omnimerge_command(executor, omni_recipe, out, args.workers),
-                      omni_env))
+        for label, env in codes:
+            out = work / f"out-omnimerge{label.replace('@', '-')}-{executor}"
+            tools.append((f"omnimerge{label} ({executor})", out,
+                          _omnimerge_command(executor, omni_recipe, out, args.workers), env))
     if args.mergekit:
         out = work / "out-mergekit"
         tools.append(("mergekit", out, _mergekit_command(args.mergekit, mk_config, out, shard_size,
@@ -485,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure_command(tool, rep, cmd, out_dir=out, log_path=log_path, poll=args.poll, env=env)
             runs.append(r)
             status = "ok" if r.returncode == 0 else f"FAILED rc={r.returncode} (log {log_path})"
-            print(f"  [{rep + 1}/{args.repeat}] {tool:<18s} {r.wall_s:7.1f} s  cpu {r.cpu_s:6.1f} s  "
+            print(f"  [{rep + 1}/{args.repeat}] {tool:<26s} {r.wall_s:7.1f} s  cpu {r.cpu_s:6.1f} s  "
                   f"peak RSS {r.peak_rss / 1e6:6.0f} MB  load {r.loadavg_before:.1f}->{r.loadavg_after:.1f}  "
                   f"{status}", flush=True)
 
@@ -498,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                    "shard_size": shard_size, "repeat": args.repeat, "executors": args.executors,
                    "workers": args.workers, "omnimerge_env": args.omnimerge_env},
         "commands": {tool: cmd for tool, _, cmd, _ in tools},
+        "also_code": args.also_code,
         "runs": [asdict(r) for r in runs],
         "summary": summary,
     }
@@ -518,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         report["agreement"] = compare_outputs(work / "out-omnimerge-local", work / "out-mergekit", info["base"],
                                               info["experts"], weight=args.weight, scale=args.scale,
                                               tol_ulps=args.tol_ulps)
+    hashes = {tool: _output_hashes(out) for tool, out, _, _ in tools if tool.startswith("omnimerge")}
+    report["output_sha256"] = hashes
+    report["omnimerge_outputs_identical"] = len({json.dumps(h, sort_keys=True) for h in hashes.values() if h}) <= 1
     if not args.keep_outputs:
         for _, out, _, _ in tools:
             shutil.rmtree(out, ignore_errors=True)
@@ -534,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"; wall {entry['wall_ratio']:.2f}x mergekit " \
                         f"({'meets' if entry['wall_met'] else 'misses'} the <= {WALL_TARGET_RATIO}x target)"
             print(line)
+    print(f"  omnimerge outputs byte-identical across codes and executors: {report['omnimerge_outputs_identical']}")
     agreement = report.get("agreement")
     if agreement:
         print(f"  outputs agree: {agreement['ok']} ({agreement['tensors_compared']} tensors, max diff "

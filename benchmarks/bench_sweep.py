@@ -99,6 +99,31 @@ def _written(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
 
+def _measure_mode(mode: str, out: Path, omnimerge: list[str], sweep_file: Path, recipes_dir: Path,
+                  env: dict[str, str]) -> dict[str, Any]:
+    """One measurement: the sweep as one command, or each run's recipe as its own ``omnimerge merge``."""
+    if mode == "sweep":
+        m = run_timed([*omnimerge, "sweep", str(sweep_file), "-o", str(out), "--executor", "local", "--no-progress"],
+                      env)
+        runs = json.loads((out / "sweep.json").read_text())["runs"]
+        m["runs"] = len(runs)
+        m["written_bytes"] = sum(_written(out / "runs" / r["run_id"]) for r in runs)
+        return m
+    per_run = []
+    for recipe in sorted(recipes_dir.glob("*.yaml")):
+        r = run_timed([*omnimerge, "merge", str(recipe), "-o", str(out / recipe.stem), "--executor", "local",
+                       "--no-progress"], env)
+        r["run_id"] = recipe.stem
+        r["written_bytes"] = _written(out / recipe.stem)
+        per_run.append(r)
+        print(f"    merge {recipe.stem}: {r['wall_s']:.1f} s", file=sys.stderr)
+    return {"wall_s": sum(r["wall_s"] for r in per_run), "cpu_s": sum(r["cpu_s"] for r in per_run),
+            "load_1min": (per_run[0]["load_1min"][0], per_run[-1]["load_1min"][1]),
+            "read_bytes": sum(r["read_bytes"] or 0 for r in per_run), "runs": len(per_run),
+            "written_bytes": sum(r["written_bytes"] for r in per_run),
+            "per_run": [{k: v for k, v in r.items() if k != "stderr_tail"} for r in per_run]}
+
+
 def _omnimerge_code() -> dict[str, str]:
     """Which omnimerge the timed commands import (a ``PYTHONPATH`` copy of another commit, or this checkout)
     and this checkout's commit."""
@@ -126,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", default="200MB", help="output shard size (a sweep job is one shard of every run)")
     p.add_argument("--repeat", type=int, default=1, help="measurements per mode (alternating order); medians reported")
     p.add_argument("--work-dir", default=None, help="where outputs go (default: a temporary folder, removed)")
+    p.add_argument("--also-code", action="append", default=[], metavar="LABEL=DIR",
+                   help="also time the omnimerge code importable from DIR (DIR/omnimerge/{engine,algorithms,cluster,"
+                        "benchmarks}, e.g. another commit) with PYTHONPATH=DIR, interleaved (repeatable)")
     p.add_argument("--out", default="bench_sweep.json", help="JSON results")
     args = p.parse_args(argv)
 
@@ -152,66 +180,70 @@ def main(argv: list[str] | None = None) -> int:
     warm = _warm([Path(info["base"]), *map(Path, info["experts"])])
     print(f"page cache warmed: {warm / 1e9:.2f} GB of inputs", file=sys.stderr)
 
-    measurements: dict[str, list[dict[str, Any]]] = {"sweep": [], "separate": []}
-    identical: list[bool] = []
+    codes: list[tuple[str, dict[str, str]]] = [("", env)]
+    for item in args.also_code:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not (Path(path) / "omnimerge" / "engine").is_dir():
+            p.error(f"--also-code wants LABEL=DIR with DIR/omnimerge/engine, got {item!r}")
+        codes.append((f"@{label}", {**env, "PYTHONPATH": os.pathsep.join(
+            x for x in (str(Path(path).resolve()), env.get("PYTHONPATH", "")) if x)}))
+    measurements: dict[str, list[dict[str, Any]]] = {f"{mode}{label}": [] for label, _ in codes
+                                                     for mode in ("sweep", "separate")}
+    identical: dict[str, list[bool]] = {label: [] for label, _ in codes}  # each run: sweep == lone merge
+    same_across_codes: list[bool] = []
     for rep in range(args.repeat):
         order = ("sweep", "separate") if rep % 2 == 0 else ("separate", "sweep")
-        for mode in order:
-            out = work / f"{mode}-{rep}"
-            if mode == "sweep":
-                m = run_timed([*omnimerge, "sweep", str(sweep_file), "-o", str(out), "--executor", "local",
-                               "--no-progress"], env)
-                runs = json.loads((out / "sweep.json").read_text())["runs"]
-                m["runs"] = len(runs)
-                m["written_bytes"] = sum(_written(out / "runs" / r["run_id"]) for r in runs)
-                print(f"[{rep + 1}/{args.repeat}] sweep: {m['wall_s']:.1f} s (load {m['load_1min'][0]:.2f} → "
+        for label, code_env in (codes if rep % 2 == 0 else codes[::-1]):
+            for mode in order:
+                key = f"{mode}{label}"
+                out = work / f"{mode}{label.replace('@', '-')}-{rep}"
+                m = _measure_mode(mode, out, omnimerge, sweep_file, recipes_dir, code_env)
+                measurements[key].append(m)
+                print(f"[{rep + 1}/{args.repeat}] {key}: {m['wall_s']:.1f} s (load {m['load_1min'][0]:.2f} → "
                       f"{m['load_1min'][1]:.2f})", file=sys.stderr)
-            else:
-                per_run = []
-                for recipe in sorted(recipes_dir.glob("*.yaml")):
-                    r = run_timed([*omnimerge, "merge", str(recipe), "-o", str(out / recipe.stem), "--executor",
-                                   "local", "--no-progress"], env)
-                    r["run_id"] = recipe.stem
-                    r["written_bytes"] = _written(out / recipe.stem)
-                    per_run.append(r)
-                    print(f"[{rep + 1}/{args.repeat}] merge {recipe.stem}: {r['wall_s']:.1f} s", file=sys.stderr)
-                m = {"wall_s": sum(r["wall_s"] for r in per_run), "cpu_s": sum(r["cpu_s"] for r in per_run),
-                     "load_1min": (per_run[0]["load_1min"][0], per_run[-1]["load_1min"][1]),
-                     "read_bytes": sum(r["read_bytes"] or 0 for r in per_run), "runs": len(per_run),
-                     "written_bytes": sum(r["written_bytes"] for r in per_run),
-                     "per_run": [{k: v for k, v in r.items() if k != "stderr_tail"} for r in per_run]}
-            measurements[mode].append(m)
-        sweep_out, sep_out = work / f"sweep-{rep}", work / f"separate-{rep}"
-        for run_dir in sorted((sweep_out / "runs").iterdir()):
-            identical.append(_shard_hashes(run_dir) == _shard_hashes(sep_out / run_dir.name))
+            sweep_out = work / f"sweep{label.replace('@', '-')}-{rep}"
+            sep_out = work / f"separate{label.replace('@', '-')}-{rep}"
+            for run_dir in sorted((sweep_out / "runs").iterdir()):
+                identical[label].append(_shard_hashes(run_dir) == _shard_hashes(sep_out / run_dir.name))
+        first = work / f"sweep-{rep}" / "runs"
+        for label, _ in codes[1:]:
+            other = work / f"sweep{label.replace('@', '-')}-{rep}" / "runs"
+            for run_dir in sorted(first.iterdir()):
+                same_across_codes.append(_shard_hashes(run_dir) == _shard_hashes(other / run_dir.name))
         if not args.work_dir:  # outputs are large: keep only what the next repeat needs
-            shutil.rmtree(sep_out, ignore_errors=True)
-            for run_dir in (sweep_out / "runs").iterdir():
-                shutil.rmtree(run_dir, ignore_errors=True)
+            for label, _ in codes:
+                shutil.rmtree(work / f"separate{label.replace('@', '-')}-{rep}", ignore_errors=True)
+                shutil.rmtree(work / f"sweep{label.replace('@', '-')}-{rep}", ignore_errors=True)
 
-    def median(mode: str, key: str) -> float:
-        values = sorted(m[key] for m in measurements[mode])
+    def median(key: str, field: str) -> float:
+        values = sorted(m[field] for m in measurements[key])
         return values[len(values) // 2]
 
-    sweep_wall, sep_wall = median("sweep", "wall_s"), median("separate", "wall_s")
-    ratio = sweep_wall / sep_wall if sep_wall else float("nan")
-    rows = [(mode, measurements[mode][0]["runs"], median(mode, "wall_s"), median(mode, "cpu_s"),
-             median(mode, "read_bytes"), median(mode, "written_bytes")) for mode in ("sweep", "separate")]
+    ratios = {label or "current": median(f"sweep{label}", "wall_s") / median(f"separate{label}", "wall_s")
+              for label, _ in codes}
     print()
-    print(f"{'mode':<10} {'runs':>4} {'wall s':>8} {'cpu s':>8} {'read':>10} {'written':>10}")
-    for mode, n, wall, cpu, read, written in rows:
-        print(f"{mode:<10} {n:>4} {wall:>8.1f} {cpu:>8.1f} {_fmt(read):>10} {_fmt(written):>10}")
-    print(f"sweep / separate: wall {ratio:.2f}× (target ≤ {TARGET_RATIO}×), read "
-          f"{median('sweep', 'read_bytes') / median('separate', 'read_bytes'):.2f}×; outputs identical: "
-          f"{sum(identical)}/{len(identical)}")
+    print(f"{'mode':<18} {'runs':>4} {'wall s':>8} {'cpu s':>8} {'read':>10} {'written':>10}")
+    for key in measurements:
+        print(f"{key:<18} {measurements[key][0]['runs']:>4} {median(key, 'wall_s'):>8.1f} "
+              f"{median(key, 'cpu_s'):>8.1f} {_fmt(median(key, 'read_bytes')):>10} "
+              f"{_fmt(median(key, 'written_bytes')):>10}")
+    for label, _ in codes:
+        print(f"sweep / separate{label}: wall {ratios[label or 'current']:.2f}× (target ≤ {TARGET_RATIO}×), read "
+              f"{median(f'sweep{label}', 'read_bytes') / median(f'separate{label}', 'read_bytes'):.2f}×; outputs "
+              f"identical to the lone merges: {sum(identical[label])}/{len(identical[label])}")
+    if same_across_codes:
+        print(f"sweep outputs identical across codes: {sum(same_across_codes)}/{len(same_across_codes)}")
+    ratio = ratios["current"]
     result = {
         "benchmark": "bench_sweep", "set": {k: info[k] for k in ("base", "experts", "n_params", "bytes_per_model",
                                                                   "n_shards")},
-        "layers": args.layers, "shard_size": args.shard_size, "repeat": args.repeat,
+        "layers": args.layers, "shard_size": args.shard_size, "repeat": args.repeat, "also_code": args.also_code,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "omnimerge": _omnimerge_code()},
-        "measurements": measurements, "wall_ratio": ratio, "target_ratio": TARGET_RATIO,
-        "meets_target": ratio <= TARGET_RATIO, "outputs_identical": all(identical) and bool(identical),
+        "measurements": measurements, "wall_ratio": ratio, "wall_ratios": ratios, "target_ratio": TARGET_RATIO,
+        "meets_target": ratio <= TARGET_RATIO,
+        "outputs_identical": all(all(v) and bool(v) for v in identical.values()),
+        "outputs_identical_across_codes": all(same_across_codes),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
