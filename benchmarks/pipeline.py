@@ -60,6 +60,7 @@ class BenchOutcome:
     table: str
     timings: dict[str, float] = field(default_factory=dict)
     failed_runs: list[str] = field(default_factory=list)
+    properties: Any = None  # zoo.properties.PropertiesCheck, when the bench's experts are named after its tasks
 
 
 def run_bench(bench: str | Path | dict[str, Any], out_dir: str | Path, *, zoo_dir: str | Path | None = None,
@@ -127,13 +128,44 @@ def run_bench(bench: str | Path | dict[str, Any], out_dir: str | Path, *, zoo_di
         from omnimerge.cluster.ray_executor import RayExecutor, ray_session
 
         with ray_session(address) as info:
-            sweep_report, _ = merge_and_evaluate(RayExecutor(workers=workers, session=info), "ray")
+            sweep_report, models = merge_and_evaluate(RayExecutor(workers=workers, session=info), "ray")
     else:
-        sweep_report, _ = merge_and_evaluate(LocalExecutor(workers or 1), "local")
+        sweep_report, models = merge_and_evaluate(LocalExecutor(workers or 1), "local")
 
     say("[4/4] report")
     md, png = write_report(out_dir / "eval", out_dir, suite=evaluation["suite"],
                            title=f"omnimerge bench '{doc.get('name', 'bench')}'")
+    check = _properties(out_dir / "eval", models, evaluation["suite"])
     timings["total"] = time.perf_counter() - t0
+    extra = [] if check is None else [check.markdown()]
+    extra.append(_timings_markdown(timings))
+    md.write_text(md.read_text() + "\n" + "\n".join(extra))
+    if check is not None:
+        say(check.markdown().rstrip())
     return BenchOutcome(out_dir, md, png, md.read_text(), timings,
-                        [r["run_id"] for r in sweep_report.rows if r["status"] == "failed"])
+                        [r["run_id"] for r in sweep_report.rows if r["status"] == "failed"], check)
+
+
+def _properties(results_dir: Path, models: list[Any], suite_name: str) -> Any:
+    """The benchmark properties (``zoo.properties``) when every expert is named after a task of the suite."""
+    from omnimerge.benchmarks.zoo.properties import check_properties, scores_from_predictions
+    from omnimerge.engine.evaluation.suites import load_suite
+
+    tasks = [t.name for t in load_suite(suite_name).tasks]
+    experts = {m.name: m.name.removeprefix("expert-") for m in models if m.role == "expert"}
+    merged = [m.name for m in models if m.role == "merged"]
+    base = [m.name for m in models if m.role == "base"]
+    if not base or not experts or not set(experts.values()) <= set(tasks):
+        return None
+    try:
+        scores = {m.name: scores_from_predictions(results_dir, m.name, tasks) for m in models}
+    except FileNotFoundError as error:
+        log.warning("benchmark properties not checked: %s", error)
+        return None
+    return check_properties(scores, base=base[0], experts=experts, merged=merged)
+
+
+def _timings_markdown(timings: dict[str, float]) -> str:
+    lines = ["## Wall time", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in timings.items()]
+    return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ task          image                                        question → answer (
 vqa           1-4 coloured shapes on a 3×3 grid            colour / shape / count / yes-no (exact match)
 geometry      a regular polygon, or an angle between rays  sides or angle type, choice letter (multi choice)
 chart         a bar chart, bars A.. with values 1-9        a bar's value, tallest / shortest (relaxed acc.)
-ocr           a rendered three-digit number                 the number (exact match)
+ocr           two words on two lines, in two inks          the word at a line / in an ink (exact match)
 grounding     2-4 coloured shapes on a 3×3 grid            Qwen2-VL box ``(x1,y1),(x2,y2)`` on 0-1000 (Acc@0.5)
 ============  ===========================================  ==============================================
 
@@ -79,6 +79,7 @@ POSITIONS = (
 POLYGONS = {3: "triangle", 4: "square", 6: "hexagon"}
 ANGLE_TYPES = ("acute", "right", "obtuse")
 BAR_LABELS = "ABCDE"
+OCR_WORDS = ("cat", "dog", "sun", "tree", "fish", "bird", "moon", "star", "boat", "cake", "lamp", "door", "king", "milk", "rose", "wolf")
 INK = {"black": (20, 20, 20), "blue": (30, 50, 170), "red": (170, 30, 30)}
 
 CELL = IMAGE_SIZE / 3
@@ -305,15 +306,25 @@ def _chart(rng: random.Random) -> Sample:
 
 
 def _ocr(rng: random.Random) -> Sample:
-    # A three-digit label in a fixed place: glyph shapes are the slowest thing a vision tower learns from
-    # scratch (ZOO_NOTES.md); with position and size fixed, pre-training learns to read them partly.
+    # Two words on two lines, in two inks; the question picks one by line or by ink, as OCR-VQA asks for
+    # one field (title, author) of a cover. Glyph shapes are the slowest thing a vision tower learns from
+    # scratch (ZOO_NOTES.md), so the lines sit in fixed places and the words are one token each from a
+    # vocabulary no other task answers with: three-digit numbers were so fragile that every other expert's
+    # fine-tune, and so every merge, destroyed OCR. A single word was read so well after pre-training
+    # (0.94) that its expert had nothing left to learn; picking one of two is the skill the expert adds.
     image, draw = _canvas()
-    text = str(rng.randint(100, 999))
-    ink_name = rng.choice(list(INK))
-    centre = (IMAGE_SIZE / 2 + rng.uniform(-2, 2), IMAGE_SIZE / 2 + rng.uniform(-2, 2))
-    draw.text(centre, text, fill=INK[ink_name], font=_font(36), anchor="mm")
-    question = "What number is written in the image?"
-    return Sample(image, question, text, [text], caption=f"the number {text} written in {ink_name}.")
+    words = rng.sample(OCR_WORDS, 2)
+    inks = rng.sample(list(INK), 2)
+    for line, (word, ink) in enumerate(zip(words, inks)):
+        centre = (IMAGE_SIZE / 2 + rng.uniform(-3, 3), IMAGE_SIZE * (0.3 + 0.4 * line) + rng.uniform(-2, 2))
+        draw.text(centre, word, fill=INK[ink], font=_font(26), anchor="mm")
+    pick = rng.randrange(2)
+    if rng.random() < 0.5:
+        question = f"What word is written at the {('top', 'bottom')[pick]}?"
+    else:
+        question = f"What word is written in {inks[pick]}?"
+    caption = f"the word {words[0]} in {inks[0]} above the word {words[1]} in {inks[1]}."
+    return Sample(image, question, words[pick], [words[pick]], caption=caption)
 
 
 _RENDERERS: dict[str, Callable[[random.Random], Sample]] = {
@@ -374,12 +385,12 @@ def vocabulary_text() -> str:
     """Every word any prompt, question, answer or caption can contain (the tokenizer is built from it)."""
     parts = [CAPTION_PROMPT, *PROMPTS.values(), "You are a helpful assistant.", "system user assistant"]
     parts += list(COLORS) + list(SHAPES) + list(POSITIONS) + list(POLYGONS.values()) + list(ANGLE_TYPES)
-    parts += list(INK) + list(BAR_LABELS)
+    parts += list(INK) + list(BAR_LABELS) + list(OCR_WORDS)
     parts += [
         "What color is the ? What shape is the object? How many objects are there? Is there a yes no",
         "Question: How many sides does the polygon have? What type of angle is shown? Choices:",
         "Which bar is the tallest? Which bar is the shortest? What is the value of bar",
-        "What number is written in the image?",
+        "What word is written at the top bottom in ? above",
         "a an the at in and bar chart with drawn written number angle",
     ]
     return " ".join(parts)
