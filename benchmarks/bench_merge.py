@@ -329,6 +329,24 @@ def _output_hashes(out: Path) -> dict[str, str]:
     return {name: s["sha256"] for name, s in json.loads(manifest.read_text()).get("shards", {}).items()}
 
 
+
+def code_variants(also_code: Sequence[str], env: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """``[("", env)]`` plus, for each ``LABEL=DIR`` of ``--also-code``, ``("@LABEL", env with PYTHONPATH=DIR)``:
+    the omnimerge code importable from DIR (``DIR/omnimerge/{engine,algorithms,cluster,benchmarks}``, e.g. a copy
+    of another commit), timed beside this checkout's.
+
+    Raises:
+        ValueError: an item is not ``LABEL=DIR`` or DIR holds no ``omnimerge/engine``.
+    """
+    codes = [("", env)]
+    for item in also_code:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not (Path(path) / "omnimerge" / "engine").is_dir():
+            raise ValueError(f"--also-code wants LABEL=DIR with DIR/omnimerge/engine, got {item!r}")
+        pythonpath = os.pathsep.join(x for x in (str(Path(path).resolve()), env.get("PYTHONPATH", "")) if x)
+        codes.append((f"@{label}", {**env, "PYTHONPATH": pythonpath}))
+    return codes
+
 def _open_model(path: str) -> dict[str, Any]:
     return _open_output(Path(path))
 
@@ -481,13 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not key:
             p.error(f"--omnimerge-env wants KEY=VALUE, got {item!r}")
         omni_env[key] = value
-    codes: list[tuple[str, dict[str, str]]] = [("", omni_env)]
-    for item in args.also_code:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not (Path(path) / "omnimerge" / "engine").is_dir():
-            p.error(f"--also-code wants LABEL=DIR with DIR/omnimerge/engine, got {item!r}")
-        codes.append((f"@{label}", {**omni_env, "PYTHONPATH": os.pathsep.join(
-            x for x in (str(Path(path).resolve()), omni_env.get("PYTHONPATH", "")) if x)}))
+    try:
+        codes = code_variants(args.also_code, omni_env)
+    except ValueError as error:
+        p.error(str(error))
     tools: list[tuple[str, Path, list[str], dict[str, str] | None]] = []
     for executor in [e.strip() for e in args.executors.split(",") if e.strip()]:
         for label, env in codes:

@@ -38,6 +38,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_merge import code_variants  # noqa: E402
 from benchmarks.make_synthetic import make_qwen2_05b_set  # noqa: E402
 
 __all__ = ["sweep_document", "run_timed", "main"]
@@ -180,13 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     warm = _warm([Path(info["base"]), *map(Path, info["experts"])])
     print(f"page cache warmed: {warm / 1e9:.2f} GB of inputs", file=sys.stderr)
 
-    codes: list[tuple[str, dict[str, str]]] = [("", env)]
-    for item in args.also_code:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not (Path(path) / "omnimerge" / "engine").is_dir():
-            p.error(f"--also-code wants LABEL=DIR with DIR/omnimerge/engine, got {item!r}")
-        codes.append((f"@{label}", {**env, "PYTHONPATH": os.pathsep.join(
-            x for x in (str(Path(path).resolve()), env.get("PYTHONPATH", "")) if x)}))
+    try:
+        codes = code_variants(args.also_code, env)
+    except ValueError as error:
+        p.error(str(error))
     measurements: dict[str, list[dict[str, Any]]] = {f"{mode}{label}": [] for label, _ in codes
                                                      for mode in ("sweep", "separate")}
     identical: dict[str, list[bool]] = {label: [] for label, _ in codes}  # each run: sweep == lone merge
