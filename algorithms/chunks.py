@@ -10,7 +10,10 @@ the bits do not depend on either (tests cut tensors into odd chunks and compare)
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["in_parts", "run_parts", "scaled_add", "cast_chunked"]
 

@@ -189,29 +189,33 @@ def main(argv: list[str] | None = None) -> int:
                                                      for mode in ("sweep", "separate")}
     identical: dict[str, list[bool]] = {label: [] for label, _ in codes}  # each run: sweep == lone merge
     same_across_codes: list[bool] = []
+
+    def out_dir(mode: str, label: str, rep: int) -> Path:
+        return work / f"{mode}{label.replace('@', '-')}-{rep}"
+
     for rep in range(args.repeat):
         order = ("sweep", "separate") if rep % 2 == 0 else ("separate", "sweep")
         for label, code_env in (codes if rep % 2 == 0 else codes[::-1]):
             for mode in order:
                 key = f"{mode}{label}"
-                out = work / f"{mode}{label.replace('@', '-')}-{rep}"
+                out = out_dir(mode, label, rep)
                 m = _measure_mode(mode, out, omnimerge, sweep_file, recipes_dir, code_env)
                 measurements[key].append(m)
                 print(f"[{rep + 1}/{args.repeat}] {key}: {m['wall_s']:.1f} s (load {m['load_1min'][0]:.2f} → "
                       f"{m['load_1min'][1]:.2f})", file=sys.stderr)
-            sweep_out = work / f"sweep{label.replace('@', '-')}-{rep}"
-            sep_out = work / f"separate{label.replace('@', '-')}-{rep}"
+            sweep_out = out_dir("sweep", label, rep)
+            sep_out = out_dir("separate", label, rep)
             for run_dir in sorted((sweep_out / "runs").iterdir()):
                 identical[label].append(_shard_hashes(run_dir) == _shard_hashes(sep_out / run_dir.name))
-        first = work / f"sweep-{rep}" / "runs"
+        first = out_dir("sweep", "", rep) / "runs"
         for label, _ in codes[1:]:
-            other = work / f"sweep{label.replace('@', '-')}-{rep}" / "runs"
+            other = out_dir("sweep", label, rep) / "runs"
             for run_dir in sorted(first.iterdir()):
                 same_across_codes.append(_shard_hashes(run_dir) == _shard_hashes(other / run_dir.name))
         if not args.work_dir:  # outputs are large: keep only what the next repeat needs
             for label, _ in codes:
-                shutil.rmtree(work / f"separate{label.replace('@', '-')}-{rep}", ignore_errors=True)
-                shutil.rmtree(work / f"sweep{label.replace('@', '-')}-{rep}", ignore_errors=True)
+                shutil.rmtree(out_dir("separate", label, rep), ignore_errors=True)
+                shutil.rmtree(out_dir("sweep", label, rep), ignore_errors=True)
 
     def median(key: str, field: str) -> float:
         values = sorted(m[field] for m in measurements[key])

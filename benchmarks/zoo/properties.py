@@ -80,10 +80,7 @@ class PropertiesCheck:
 
 def _paired(better: str, worse: str, a: TaskScores, b: TaskScores, task: str | None) -> Comparison:
     if task is not None:
-        diffs = [x - y for x, y in zip(a.hits[task], b.hits[task])]
-        mean = sum(diffs) / len(diffs)
-        var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
-        return Comparison(better, worse, task, mean, math.sqrt(var / len(diffs)))
+        return Comparison(better, worse, task, a.mean(task) - b.mean(task), a.task_difference_stderr(b, task))
     return Comparison(better, worse, None, a.average() - b.average(), a.difference_stderr(b))
 
 

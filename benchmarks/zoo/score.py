@@ -71,14 +71,15 @@ class TaskScores:
         """Standard error of :meth:`average` (tasks independent)."""
         return math.sqrt(sum(self.stderr(t) ** 2 for t in self.hits)) / len(self.hits)
 
+    def task_difference_stderr(self, other: "TaskScores", task: str) -> float:
+        """Standard error of ``self.mean(task) - other.mean(task)`` on the same items: sd(a_i - b_i) / sqrt(n)."""
+        diffs = [a - b for a, b in zip(self.hits[task], other.hits[task])]
+        mean = sum(diffs) / len(diffs)
+        return math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs))
+
     def difference_stderr(self, other: "TaskScores") -> float:
         """Standard error of ``self.average() - other.average()`` on the same items (paired by item)."""
-        total = 0.0
-        for task, values in self.hits.items():
-            diffs = [a - b for a, b in zip(values, other.hits[task])]
-            mean = sum(diffs) / len(diffs)
-            total += sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)
-        return math.sqrt(total) / len(self.hits)
+        return math.sqrt(sum(self.task_difference_stderr(other, t) ** 2 for t in self.hits)) / len(self.hits)
 
     def as_dict(self) -> dict[str, float]:
         return {**{t: round(self.mean(t), 4) for t in self.hits}, "average": round(self.average(), 4)}
