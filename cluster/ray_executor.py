@@ -546,9 +546,8 @@ class _Dispatch:
         cpus = min(nodes)
         if per_node * threads > cpus:
             log.warning(
-                "%d CPU worker(s) per node × %d torch threads each on nodes with %g CPUs: oversubscribed (measured "
-                "here: optmerge 1.2x faster with 2 workers × 1 thread than × 2 threads on 2 cores). Pass "
-                "--worker-threads %d for speed; SVD-based methods (iso_c, tsv, iso_cts, optmerge) then differ from "
+                "%d CPU worker(s) per node × %d torch threads each on nodes with %g CPUs: oversubscribed: the "
+                "workers' threads compete for the same cores. Pass --worker-threads %d for speed; SVD-based methods (iso_c, tsv, iso_cts, optmerge) then differ from "
                 "--executor local in the last bits, element-wise ones do not.", per_node, threads, cpus,
                 max(1, int(cpus // per_node)))
 

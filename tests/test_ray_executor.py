@@ -397,3 +397,29 @@ def test_driver_killed_then_resumed_only_remaining_shards_computed(zoo_dir: Path
     assert "5 shard(s) computed, 4 resumed from staging" in err
     assert _weights(out) == _reference(zoo_dir, ref_dir, "task_arithmetic", {"scale": 0.7})
     assert not staging.exists()
+
+
+@pytest.mark.ray
+def test_cpu_workers_that_oversubscribe_the_node_are_warned_about(zoo_dir: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    recipe = parse_recipe(_doc(zoo_dir, "task_arithmetic", {"scale": 0.7}))
+    temp = Path(tempfile.mkdtemp(prefix="omr-", dir="/tmp"))
+    try:
+        with ray_session(None, num_cpus=2, _temp_dir=str(temp), **RAY_ARGS), \
+                caplog.at_level("WARNING", logger="omnimerge.cluster.ray_executor"):
+            run_merge(recipe, tmp_path / "two", executor=RayExecutor(workers=2), progress=False)
+            warned = [r.getMessage() for r in caplog.records if "oversubscribed" in r.getMessage()]
+            caplog.clear()
+            run_merge(recipe, tmp_path / "one", executor=RayExecutor(workers=2, threads=1), progress=False)
+            quiet = [r.getMessage() for r in caplog.records if "oversubscribed" in r.getMessage()]
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    threads = torch.get_num_threads()
+    if threads > 1:  # 2 workers × N threads on a 2-CPU node
+        assert warned == [f"2 CPU worker(s) per node × {threads} torch threads each on nodes with 2 CPUs: "
+                          "oversubscribed: the workers' threads compete for the same cores. Pass --worker-threads 1 "
+                          "for speed; SVD-based methods (iso_c, tsv, iso_cts, optmerge) then differ from "
+                          "--executor local in the last bits, element-wise ones do not."]
+    assert quiet == []  # 2 workers × 1 thread fit 2 CPUs
