@@ -87,6 +87,10 @@ class MergeContext:
         threads: how many threads the method may run its chunked element-wise passes on at once
             (:mod:`~omnimerge.algorithms.chunks`; the engine sets it from the cores the job may use). The
             result does not depend on it.
+        out_dtype: the dtype the engine stores the result in, when it takes the result as it is (None: the
+            caller wants float32). A method whose last step is θ₀ + λ·τ_m may return it already converted
+            (:func:`~omnimerge.algorithms.chunks.scaled_add`): the bits of its float32 result cast, without
+            the full-size float32 copy. Everything before that last step stays float32.
     """
 
     tensor_name: str = ""
@@ -96,6 +100,7 @@ class MergeContext:
     model_stats: Mapping[str, Any] = field(default_factory=dict)
     generators: dict | None = None
     threads: int = 1
+    out_dtype: torch.dtype | None = None
 
     def generator(self, *salt: str, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from (seed, tensor name, *salt); CPU by default so bytes do not depend on

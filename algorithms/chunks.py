@@ -40,21 +40,33 @@ def run_parts(fn: Callable[[int], T], count: int) -> list[T]:
 SCALE_CHUNK = 1 << 18  # values per chunk of scaled_add / cast_chunked (float32: 1 MiB)
 
 
-def scaled_add(x: "torch.Tensor", scale: float, base: "torch.Tensor", *, threads: int = 1) -> "torch.Tensor":
+def scaled_add(x: "torch.Tensor", scale: float, base: "torch.Tensor", *, threads: int = 1,
+               out_dtype: "torch.dtype | None" = None) -> "torch.Tensor":
     """A new tensor ``x·scale + base``, multiplied then added element by element — the bits of
-    ``base + scale * x`` — chunk by chunk on ``threads`` threads (one pass over memory instead of two)."""
+    ``base + scale * x`` — chunk by chunk on ``threads`` threads (one pass over memory instead of two).
+
+    With ``out_dtype`` (e.g. the engine's storage dtype, ``MergeContext.out_dtype``) the result comes back in
+    that dtype: each chunk is computed in ``x``'s dtype in a small scratch buffer and then converted, so the
+    bits are those of ``(base + scale * x).to(out_dtype)`` without the full-size float32 intermediate (one
+    allocation and one pass over memory fewer per output tensor)."""
     import torch
 
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # as x.mul(scale).add_(base)
-    n = out.numel()
+    narrow = out_dtype is not None and out_dtype != x.dtype
+    n = x.numel()
     if x.device.type != "cpu" or n <= SCALE_CHUNK or x.shape != base.shape:
-        return torch.mul(x, scale, out=out).add_(base)
+        out = torch.mul(x, scale).add_(base)
+        return out.to(out_dtype) if narrow else out
+    out = torch.empty(x.shape, dtype=out_dtype if narrow else x.dtype, device=x.device)
     xf, bf, of = x.reshape(-1), base.reshape(-1), out.view(-1)
     parts = in_parts(n, SCALE_CHUNK, threads)
 
     def work(k: int) -> None:
+        scratch = torch.empty(SCALE_CHUNK, dtype=x.dtype) if narrow else None
         for s, e in parts[k]:
-            torch.mul(xf[s:e], scale, out=of[s:e]).add_(bf[s:e])
+            dst = scratch[:e - s] if scratch is not None else of[s:e]
+            torch.mul(xf[s:e], scale, out=dst).add_(bf[s:e])
+            if scratch is not None:
+                of[s:e].copy_(dst)
 
     run_parts(work, len(parts))
     return out

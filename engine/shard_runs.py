@@ -439,6 +439,7 @@ def _merge_one(run: _Run, task: TensorTask, inputs: SharedInputs, memo: dict) ->
     lowrank = spec.accepts_lowrank
     deltas = [inputs.delta(task.name, i, lowrank=lowrank) for i in run.slot.experts]
     (mctx,) = run.contexts([task.name], memo, ("single", lowrank and run.lora))
+    mctx.out_dtype = DTYPES[task.out_dtype].torch  # e.g. θ₀ + λ·τ_m comes back in bf16 (same bits as cast)
     out = spec.fn(base32, deltas, ctx=mctx, weights=list(run.slot.weights), **task.param_dict())
     if tuple(out.shape) != task.shape:
         raise ShardJobError(f"method '{task.method}' returned shape {list(out.shape)} for tensor '{task.name}' "

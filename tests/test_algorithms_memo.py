@@ -45,3 +45,22 @@ def test_task_arithmetic_and_weight_average_sum_once_across_scales():
         assert _count(memo, method) == 1
         fn(base, deltas, ctx=MergeContext("w", expert_ids=("a", "b", "c"), memo=memo), weights=[1, 2, 4])
         assert _count(memo, method) == 2  # other weights, another sum
+
+
+def test_methods_return_the_storage_dtype_with_the_bits_of_their_float32_result_cast(monkeypatch):
+    """``MergeContext.out_dtype``: ties, task arithmetic and weight average hand back θ₀ + λ·τ_m already in
+    the storage dtype, bit for bit the float32 result cast (whole-tensor and chunked paths)."""
+    from omnimerge.algorithms import chunks
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(40, 33, generator=g) * 0.02
+    deltas = [torch.randn(40, 33, generator=g) * 1e-3 for _ in range(3)]
+    for chunk in (1 << 18, 64):  # one chunk (plain ops) and many chunks
+        monkeypatch.setattr(chunks, "SCALE_CHUNK", chunk)
+        for method in ("ties", "task_arithmetic", "weight_average"):
+            fn = get_method(method).fn
+            wide = fn(base, deltas, ctx=MergeContext("w"), scale=0.7)
+            for dtype in (torch.bfloat16, torch.float16):
+                got = fn(base, deltas, ctx=MergeContext("w", out_dtype=dtype, threads=2), scale=0.7)
+                assert got.dtype == dtype
+                assert torch.equal(got.view(torch.int16), wide.to(dtype).view(torch.int16)), (method, dtype)

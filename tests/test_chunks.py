@@ -36,3 +36,7 @@ def test_scaled_add_and_cast_keep_the_bits_of_whole_tensor_ops(monkeypatch: pyte
         got = scaled_add(x, scale, base, threads=threads)
         assert torch.equal(_bits(got), _bits(base + scale * x))
         assert torch.equal(_bits(cast_chunked(got, torch.bfloat16, threads=threads)), _bits(got.to(torch.bfloat16)))
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):  # straight into the storage dtype
+            narrow = scaled_add(x, scale, base, threads=threads, out_dtype=dtype)
+            assert narrow.dtype == dtype and narrow.shape == x.shape
+            assert torch.equal(_bits(narrow), _bits((base + scale * x).to(dtype)))

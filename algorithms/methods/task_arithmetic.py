@@ -34,4 +34,4 @@ def task_arithmetic(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeCo
     # (float multiplication and addition are commutative), in one new tensor.
     key = ("task_arithmetic", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w))
     acc = ctx.remember(key, weighted_sum)
-    return scaled_add(acc, scale, base, threads=ctx.threads)  # the bits of θ₀ + λ·τ_m, one new tensor
+    return scaled_add(acc, scale, base, threads=ctx.threads, out_dtype=ctx.out_dtype)  # θ₀ + λ·τ_m, one new tensor

@@ -110,4 +110,4 @@ def ties(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeContext, weig
     # τ_m does not depend on λ: a sweep over scales computes it once (same operations, same bytes).
     key = ("ties", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w), density, scope, normalize)
     merged = ctx.remember(key, direction)
-    return scaled_add(merged, scale, base, threads=ctx.threads)  # the bits of θ₀ + λ·τ_m, one new tensor
+    return scaled_add(merged, scale, base, threads=ctx.threads, out_dtype=ctx.out_dtype)  # θ₀ + λ·τ_m, one new tensor

@@ -34,4 +34,4 @@ def weight_average(base: torch.Tensor, deltas: Sequence[Delta], *, ctx: MergeCon
     # The mean does not depend on λ (a sweep over scales computes it once); λ·τ_m + θ₀ has the bits of
     # θ₀ + λ·τ_m, in one new tensor.
     acc = ctx.remember(("weight_average", tuple(ctx.expert_id(i) for i in range(len(deltas))), tuple(w)), mean)
-    return scaled_add(acc, scale, base, threads=ctx.threads)  # the bits of θ₀ + λ·τ_m, one new tensor
+    return scaled_add(acc, scale, base, threads=ctx.threads, out_dtype=ctx.out_dtype)  # θ₀ + λ·τ_m, one new tensor
