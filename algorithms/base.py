@@ -119,6 +119,9 @@ class MergeContext:
         if self.memo is None:
             return compute()
         full = (self.tensor_name, *key)
+        once = getattr(self.memo, "remember_once", None)
+        if once is not None:  # the engine's memo view (compute-once when runs share it on several threads)
+            return once(full, compute)
         if full not in self.memo:
             self.memo[full] = compute()
         return self.memo[full]

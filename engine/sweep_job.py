@@ -10,9 +10,13 @@ Memory of one job (:func:`estimate_job_bytes`, an estimate in the spirit of ``Sh
 
     peak ≈ max over tensors t [ 4·numel_t·(1 + E_t)          shared float32 base + deltas of the E_t pool
                                                              experts the runs merging t use (≤ pool size)
-                               + S_t ]                       memo: per-expert SVDs (≈ 4·(m+n)·min(m,n) each)
+                               + S_t                         memo: per-expert SVDs (≈ 4·(m+n)·min(m,n) each)
                                                              when an SVD method runs, + one T per solver run
-         + max over runs merging t of the method's workspace      one method at a time (plan's estimate)
+                               + W_t                         the largest method workspace (plan's estimate);
+                                                             the two largest when t's runs are element-wise
+                                                             and go two at a time (RUN_LANES)
+                               + I_t+1 ]                     with lanes: the next tensor's shared inputs,
+                                                             read while t is merged
          + Σ over batched runs (batch inputs read ahead + outputs held for later members)
 
 so it grows with the pool (E_t), with the number of runs of SVD/solver methods (memo) and with the number
@@ -31,7 +35,7 @@ from typing import Any, Sequence
 
 from .execute import choose_device
 from .plan import ShardJob, _expert_bytes, _task_cost
-from .shard_runs import ProgressFn, RunSlot, ShardResult, plan_batches, run_slots
+from .shard_runs import RUN_LANES, ProgressFn, RunSlot, ShardResult, _element_wise, plan_batches, run_slots
 from .sources import ResolvedSource
 
 __all__ = ["SweepJob", "SweepContext", "SweepJobResult", "RunOutcome", "run_sweep_job", "estimate_job_bytes",
@@ -176,23 +180,30 @@ def estimate_job_bytes(jobs: Sequence[ShardJob], experts: Sequence[tuple[int, ..
     """
     if not jobs:
         return 0
-    peak = 0
+    rows = []  # per tensor: (shared inputs, workspaces + memo, whether its runs go on lanes)
     for k, first in enumerate(jobs[0].tensors):
         merging = [(j.tensors[k], e) for j, e in zip(jobs, experts) if j.tensors[k].action == "merge"]
         used = {i for _, e in merging for i in e}
         numel = first.numel
         if not merging:  # kept at base by every run: the stored tensor and its cast
-            peak = max(peak, _task_cost(first, 0)[0])
+            rows.append((_task_cost(first, 0)[0], 0, False))
             continue
         shared = 4 * numel * (1 + len(used))
-        # one method's workspace at a time: the plan's per-tensor cost less the inputs counted as shared
-        work = max(_task_cost(t, len(e))[0] - 4 * numel * (len(e) + 1) for t, e in merging)
+        # the plan's per-tensor cost less the inputs counted as shared: one method's workspace at a time, or
+        # RUN_LANES of them when the tensor's runs are element-wise and go side by side
+        works = sorted((_task_cost(t, len(e))[0] - 4 * numel * (len(e) + 1) for t, e in merging), reverse=True)
+        lanes = len(jobs) > 1 and all(_element_wise(j.tensors[k]) for j in jobs)
+        work = sum(works[:RUN_LANES if lanes else 1])
         memo = 0
         if any(t.method in _SVD_METHODS and len(t.shape) == 2 for t, _ in merging):
             m, n = first.shape
             memo += len(used) * 4 * (m + n + 1) * min(m, n)
         memo += 4 * numel * sum(1 for t, _ in merging if t.method in _SOLVER_METHODS and len(t.shape) == 2)
-        peak = max(peak, shared + work + memo)
+        rows.append((shared, work + memo, lanes))
+    peak = 0
+    for k, (shared, rest, lanes) in enumerate(rows):
+        ahead = rows[k + 1][0] if lanes and k + 1 < len(rows) else 0  # the next tensor's inputs, read meanwhile
+        peak = max(peak, shared + rest + ahead)
     batched = 0
     for j, e in zip(jobs, experts):
         batches = plan_batches(j, len(e), max_batch_bytes)
