@@ -18,14 +18,18 @@ tensor, in the shard's order:
 4. A tensor whose every run keeps it or merges it with a streaming method (task arithmetic, weight average,
    linear, …) goes through the same steps in row blocks instead (:mod:`~omnimerge.engine.row_stream`):
    the shared inputs, the memo and each run's output are then a block's, never the whole tensor's.
-5. A run that fails (a non-finite input of one of its experts, a method error) loses only its own shard
+5. A whole tensor whose every run is element-wise (one-thread or streaming methods, or kept) has its runs
+   computed two at a time (:data:`RUN_LANES`, :func:`_whole_tensor_lanes`), each on half the cores, with the
+   memo computing each shared value once (:class:`_OnceMemo`), while this thread reads the next tensor's
+   inputs. Each run still makes the calls it makes alone: same bytes.
+6. A run that fails (a non-finite input of one of its experts, a method error) loses only its own shard
    file; the other runs go on. Inputs of a tensor are dropped after its turn; inputs a batched run read
    ahead for later members stay until those members' turn.
 
 Memory of one pass (whole-tensor path; a streamed tensor holds a block's worth instead): the shared inputs
 of one tensor (base + the deltas of the experts the runs use, i.e. bounded by the pool, not by the number of
-runs) + one method's workspace at a time + the memo of one tensor + the cast outputs batched runs hold for
-later members of their batch (grows with batched runs).
+runs; with lanes, the next tensor's too) + one method's workspace at a time (two with lanes) + the memo of one
+tensor + the cast outputs batched runs hold for later members of their batch (grows with batched runs).
 """
 
 from __future__ import annotations
@@ -364,28 +368,39 @@ class _Busy(BaseException):
 
 class _OnceMemo(dict):
     """The per-tensor memo when a tensor's runs go on several lanes: each value is computed once, by the
-    first lane that asks; another lane asking meanwhile gets :class:`_Busy` instead of waiting (it can take
-    another run). ``changed`` (the memo's lock) is notified whenever a value is finished or given up."""
+    first lane that asks. Another lane asking meanwhile gets :class:`_Busy` when it asks from the top of its
+    run (nothing computed yet: it can take another run instead), and waits when it asks from inside a value
+    it is computing (a TIES direction needing an expert's histogram), so that work is not thrown away. The
+    wait cannot deadlock: the lane computing the awaited value never needs the waiter's value, since values
+    depend on each other without cycles (a cycle would recurse forever on one thread too).
+    ``changed`` (the memo's lock) is notified whenever a value is finished or given up."""
 
     def __init__(self) -> None:
         super().__init__()
         self.changed = threading.Condition()
         self._pending: dict[Any, threading.Event] = {}
+        self._depth = threading.local()  # values this thread is computing, nested
 
     def remember_once(self, key: Any, compute: Callable[[], Any]) -> Any:
-        with self.changed:
-            if key in self:
-                return self[key]
-            event = self._pending.get(key)
-            if event is not None:
+        while True:
+            with self.changed:
+                if key in self:
+                    return self[key]
+                event = self._pending.get(key)
+                if event is None:
+                    event = self._pending[key] = threading.Event()
+                    break
+            if not getattr(self._depth, "n", 0):
                 raise _Busy(event)
-            event = self._pending[key] = threading.Event()
+            event.wait()  # inside a value of our own: wait for this one, then look again
+        self._depth.n = getattr(self._depth, "n", 0) + 1
         try:
             value = compute()
             with self.changed:
                 self[key] = value
             return value
         finally:
+            self._depth.n -= 1
             with self.changed:
                 del self._pending[key]
                 event.set()
