@@ -731,7 +731,30 @@ class _Dispatch:
                     ray.get(w.actor.close.remote(), timeout=10)
             with contextlib.suppress(Exception):
                 ray.kill(w.actor, no_restart=True)
+        self._remove_partial_shards()
         self._report()
+
+    def _remove_partial_shards(self) -> None:
+        """After a failure stopped the workers mid-job: delete the temporary files the jobs still in flight had
+        begun in the shared staging directories, so staging holds only verified shards (their records let a
+        rerun resume). Waits (briefly) for those calls to end first, so no killed worker creates one after."""
+        import ray
+
+        if not self.inflight or self.ex.storage == "none":  # private scratch: the worker's own, gone with it
+            return
+        with contextlib.suppress(Exception):
+            ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=10)
+        for call in self.inflight.values():
+            slots = getattr(call.job, "slots", None)
+            if slots is not None:  # a sweep job: one shard per run, each in its run's staging
+                where = [(Path(s.staging), s.job.filename, s.plan_digest) for s in slots]
+            else:
+                where = [(Path(self.ctx.staging), call.job.filename, getattr(self.ctx, "plan_digest", ""))]
+            for staging, filename, digest in where:
+                pattern = temp_shard_name(filename, digest, "*")
+                for tmp in staging.glob(pattern):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
 
     def _report(self) -> None:
         wall = time.perf_counter() - self.start
