@@ -660,18 +660,14 @@ def _whole_tensor_lanes(name: str, runs: Sequence[_Run], inputs: SharedInputs, p
                     memo.changed.notify_all()
 
     futures = [pool.submit(lane) for _ in range(lanes)]
-    ahead_seconds = 0.0
-    if ahead is not None:
-        t0 = time.perf_counter()
-        shared0 = inputs.seconds
-        try:
+    t0, shared0 = time.perf_counter(), inputs.seconds
+    try:
+        if ahead is not None:
             ahead()
-        finally:
-            ahead_seconds = min(time.perf_counter() - t0, inputs.seconds - shared0)
-            for fut in futures:
-                fut.result()
-    for fut in futures:
-        fut.result()
+    finally:  # the lanes use this tensor's inputs: they finish before anything propagates
+        ahead_seconds = min(time.perf_counter() - t0, inputs.seconds - shared0)
+        for fut in futures:
+            fut.result()
     # The runs' own seconds add up to the wall time after the reads (shared out by each run's lane time).
     own = max(0.0, time.perf_counter() - start - read_seconds - ahead_seconds)
     total = sum(spent.values()) or 1.0
